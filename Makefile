@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make train` and `make test` (each does `make setup` first).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+DATA    ?= data/default
+NPROC   ?= 2
+CONFIG  ?= configs/tiny.yaml
+DS_CONFIG ?= ds_configs/zero2.json
+PYTEST_ARGS ?=
+
+.PHONY: setup train test bench clean-venv
+
+setup: $(VENV)/.installed $(DATA)/meta.json
+
+# torch first (pinned; see README for CUDA clusters), then everything but DeepSpeed,
+# then DeepSpeed without build isolation so its setup.py sees the torch we installed
+# instead of pulling a CUDA build into an isolated build environment.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $$(grep -E '^torch==' requirements.txt)
+	grep -vE '^(deepspeed|torch)==' requirements.txt > $(VENV)/requirements.rest.txt
+	$(PIP) install -q -r $(VENV)/requirements.rest.txt
+	$(PIP) install -q --no-build-isolation $$(grep -E '^deepspeed==' requirements.txt)
+	touch $@
+
+# The embedded default corpus: the running Python's standard library (no download).
+$(DATA)/meta.json: $(VENV)/.installed
+	$(PY) -m trainer.data prepare --out $(DATA)
+
+train: setup
+	$(PY) -m trainer.launch --nproc $(NPROC) -- --ds_config $(DS_CONFIG) --config $(CONFIG) $(OVERRIDES)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/moe_layer.py --json bench_out/moe_layer.json

@@ -1,0 +1,277 @@
+"""Typed, nested configuration for the model: `model`, `moe` (with `moe.capacity`) and `diffusion`.
+
+Config is data: plain dataclasses, built from dicts (YAML) by `from_dict`, validated once by
+`validate()`. Every error names the dotted field and what would be right, so a bad value is
+caught before any expensive work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the dotted field."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class CapacityConfig:
+    """Timestep-aware expert-choice capacity: k_b = clamp(round(k_min + (k_max-k_min) s(r_b)))."""
+    schedule: Literal["static", "linear", "linear_reverse", "cosine", "cosine_reverse", "bell",
+                      "gaussian", "gaussian_reverse", "piecewise"] = "static"
+    k_min: Optional[float] = None       # defaults to moe.k for `static`
+    k_max: Optional[float] = None       # float so `flop_match: solve` can land between integers
+    k_target: Optional[float] = None    # expected k to match; defaults to moe.k
+    sigma: float = 0.22                 # width of the `gaussian` schedules
+    points: Optional[list] = None       # `piecewise`: [[r, s], ...], r ascending over [0, 1]
+    flop_match: Literal["check", "off", "solve"] = "check"
+
+
+@dataclass
+class MoEConfig:
+    router: Literal["expert_choice", "token_choice", "dense"] = "expert_choice"
+    num_experts: int = 64
+    expert_hidden: int = 256
+    k: int = 8                          # experts per token: TC top-k, EC static k, capacity target
+    num_shared_experts: int = 0
+    shared_expert_hidden: Optional[int] = None  # defaults to expert_hidden
+    moe_every: int = 1                  # MoE in every n-th layer, dense SwiGLU in the others
+    dense_hidden: Optional[int] = None  # width of dense FFN layers; defaults to k * expert_hidden
+    ep_size: int = 1                    # expert-parallel degree (the trainer wires the group)
+    z_loss_coef: float = 1e-3
+    # expert choice
+    ec_scope: Literal["sequence", "batch"] = "sequence"
+    gate_scaling: bool = False          # scale routed output by f(n_i), see moe/routing.py
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    # token choice
+    score_fn: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True
+    capacity_factor: Optional[float] = None   # None = dropless
+    aux_loss_coef: float = 1e-2
+    bias_update_rate: float = 0.0       # aux-loss-free expert bias; 0 disables it
+
+
+@dataclass
+class ModelArchConfig:
+    vocab_size: int = 4096
+    pad_id: int = 0
+    mask_id: int = 3
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: Optional[int] = None    # grouped-query attention; defaults to n_heads
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    norm_eps: float = 1e-6
+    logit_softcap: Optional[float] = None
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    eps: float = 1e-3
+    low_discrepancy: bool = True
+    loss_weighting: Literal["elbo", "uniform"] = "elbo"
+
+
+@dataclass
+class ModelConfig:
+    model: ModelArchConfig = field(default_factory=ModelArchConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        validate_model(self.model)
+        validate_moe(self.moe)
+        validate_diffusion(self.diffusion)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- parameter counts, from the config alone -------------------------------------------
+    def param_counts(self) -> dict:
+        """Total parameters and parameters active per token (routed experts counted k times)."""
+        m, e = self.model, self.moe
+        d, h_kv = m.d_model, (m.n_kv_heads or m.n_heads)
+        head_dim = d // m.n_heads
+        attn = d * d * 2 + d * h_kv * head_dim * 2 + (2 * head_dim if m.qk_norm else 0)
+        norms = 2 * d
+        per_layer_dense = 3 * d * dense_hidden(e)
+        moe_layers = num_moe_layers(m.n_layers, e)
+        routed_total = e.num_experts * 3 * d * e.expert_hidden
+        routed_active = e.k * 3 * d * e.expert_hidden
+        shared = e.num_shared_experts * 3 * d * shared_hidden(e)
+        router = e.num_experts * d
+        base = 2 * m.vocab_size * d + d + m.n_layers * (attn + norms) \
+            + (m.n_layers - moe_layers) * per_layer_dense + moe_layers * (shared + router)
+        return {"total": base + moe_layers * routed_total,
+                "active": base + moe_layers * routed_active,
+                "embedding": 2 * m.vocab_size * d}
+
+
+def dense_hidden(e: MoEConfig) -> int:
+    return e.dense_hidden or e.k * e.expert_hidden
+
+
+def shared_hidden(e: MoEConfig) -> int:
+    return e.shared_expert_hidden or e.expert_hidden
+
+
+def num_moe_layers(n_layers: int, e: MoEConfig) -> int:
+    """Layer i is MoE when (i + 1) % moe_every == 0 (the last layer of each group of n)."""
+    if e.router == "dense":
+        return 0
+    return sum(1 for i in range(n_layers) if is_moe_layer(i, e))
+
+
+def is_moe_layer(i: int, e: MoEConfig) -> bool:
+    return e.router != "dense" and (i + 1) % e.moe_every == 0
+
+
+# ---- validation ------------------------------------------------------------------------------
+def validate_model(m: ModelArchConfig) -> None:
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
+    _require(m.d_model % m.n_heads == 0,
+             f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    _require((m.d_model // m.n_heads) % 2 == 0,
+             f"head dim model.d_model/model.n_heads={m.d_model // m.n_heads} must be even for RoPE")
+    kv = m.n_kv_heads or m.n_heads
+    _require(1 <= kv <= m.n_heads and m.n_heads % kv == 0,
+             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    for name in ("pad_id", "mask_id"):
+        v = getattr(m, name)
+        _require(0 <= v < m.vocab_size, f"model.{name}={v} must be in [0, model.vocab_size={m.vocab_size})")
+    _require(m.pad_id != m.mask_id, f"model.pad_id and model.mask_id must differ (both {m.pad_id})")
+    _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0")
+    _require(m.logit_softcap is None or m.logit_softcap > 0,
+             f"model.logit_softcap={m.logit_softcap} must be > 0 or null (off)")
+
+
+def validate_moe(e: MoEConfig) -> None:
+    _require(e.router in ("expert_choice", "token_choice", "dense"),
+             f"moe.router={e.router!r} must be one of expert_choice, token_choice, dense")
+    for name in ("num_experts", "expert_hidden", "k", "moe_every", "ep_size"):
+        _require(getattr(e, name) >= 1, f"moe.{name}={getattr(e, name)} must be >= 1")
+    _require(e.k <= e.num_experts, f"moe.k={e.k} exceeds moe.num_experts={e.num_experts}")
+    _require(e.num_shared_experts >= 0, f"moe.num_shared_experts={e.num_shared_experts} must be >= 0")
+    _require(e.num_experts % e.ep_size == 0,
+             f"moe.ep_size={e.ep_size} must divide moe.num_experts={e.num_experts}")
+    _require(e.ec_scope in ("sequence", "batch"), f"moe.ec_scope={e.ec_scope!r} must be sequence or batch")
+    _require(e.score_fn in ("softmax", "sigmoid"), f"moe.score_fn={e.score_fn!r} must be softmax or sigmoid")
+    _require(e.capacity_factor is None or e.capacity_factor > 0,
+             f"moe.capacity_factor={e.capacity_factor} must be > 0 or null (dropless)")
+    _require(e.z_loss_coef >= 0 and e.aux_loss_coef >= 0 and e.bias_update_rate >= 0,
+             "moe.z_loss_coef, moe.aux_loss_coef and moe.bias_update_rate must be >= 0")
+    c = resolve_capacity(e)   # validates moe.capacity and fills its defaults
+    if e.router == "expert_choice":
+        from .moe.capacity import FlopMatchError, build_capacity
+        try:
+            cap = build_capacity(e)
+        except (FlopMatchError, ValueError) as err:
+            raise ConfigError(f"moe.capacity: {err}") from None
+        c.k_max = cap.k_max   # `solve` writes its answer back, so the saved config reproduces it
+
+
+def resolve_capacity(e: MoEConfig) -> CapacityConfig:
+    """Fill capacity defaults from moe.k and check ranges; returns the (same) CapacityConfig."""
+    c = e.capacity
+    if c.k_target is None:
+        c.k_target = float(e.k)
+    if c.schedule == "static":   # k_b = k_target for every sequence; bounds are just that value
+        c.k_min = c.k_max = c.k_target
+    _require(c.k_min is not None and c.k_max is not None,
+             f"moe.capacity.k_min and moe.capacity.k_max are required for schedule {c.schedule!r}")
+    _require(c.k_min >= 1, f"moe.capacity.k_min={c.k_min} must be >= 1")
+    _require(c.k_max >= c.k_min, f"moe.capacity.k_max={c.k_max} must be >= moe.capacity.k_min={c.k_min}")
+    _require(c.k_max <= e.num_experts,
+             f"moe.capacity.k_max={c.k_max} exceeds moe.num_experts={e.num_experts}")
+    _require(c.sigma > 0, f"moe.capacity.sigma={c.sigma} must be > 0")
+    _require(c.flop_match in ("check", "off", "solve"),
+             f"moe.capacity.flop_match={c.flop_match!r} must be check, off or solve")
+    if c.schedule == "piecewise":
+        pts = c.points or []
+        _require(len(pts) >= 2, "moe.capacity.points needs at least two [r, s] points for piecewise")
+        rs = [float(p[0]) for p in pts]
+        _require(rs[0] == 0.0 and rs[-1] == 1.0 and all(a < b for a, b in zip(rs, rs[1:])),
+                 f"moe.capacity.points r values {rs} must increase strictly from 0 to 1")
+        _require(all(0.0 <= float(p[1]) <= 1.0 for p in pts), "moe.capacity.points s values must be in [0, 1]")
+    return c
+
+
+def validate_diffusion(d: DiffusionConfig) -> None:
+    _require(0 < d.eps < 1, f"diffusion.eps={d.eps} must be in (0, 1)")
+    _require(d.loss_weighting in ("elbo", "uniform"),
+             f"diffusion.loss_weighting={d.loss_weighting!r} must be elbo or uniform")
+
+
+# ---- building dataclasses from dicts, with type checks that name the key ---------------------
+def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types name the key."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {k: coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check (and gently convert, e.g. int -> float) `value` against type `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} must be one of {', '.join(map(str, args))}")
+        return value
+    if origin in (list, typing.List) or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [coerce(args[0], v, f"{key}[{i}]") if args else v for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a mapping")
+    return value

@@ -1,0 +1,152 @@
+"""Timestep-aware expert-choice capacity: how many experts a sequence gets, as a function of its
+realized mask ratio r.
+
+    k_b = clamp(round(k_min + (k_max - k_min) * s(r_b)), k_min, k_max)
+
+Low-mask-ratio sequences learn far faster per token, so the `*_reverse` schedules give them more
+experts. FLOP matching keeps comparisons fair: the expected k under r ~ U(0, 1) must equal the
+static k it replaces, computed here by fine quadrature that includes the rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+SCHEDULES = ("static", "linear", "linear_reverse", "cosine", "cosine_reverse", "bell",
+             "gaussian", "gaussian_reverse", "piecewise")
+
+_QUADRATURE_POINTS = 1 << 20   # midpoint rule; the rounding steps make the error O(1/n)
+
+
+def _gaussian(sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    g0 = math.exp(-0.25 / (2 * sigma ** 2))   # g(0) = g(1): shift/scale so s(0) = 0, s(0.5) = 1
+    return lambda r: (torch.exp(-(r - 0.5) ** 2 / (2 * sigma ** 2)) - g0) / (1 - g0)
+
+
+def _piecewise(points: Sequence[Sequence[float]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    rs = torch.tensor([float(p[0]) for p in points], dtype=torch.float64)
+    ss = torch.tensor([float(p[1]) for p in points], dtype=torch.float64)
+
+    def s(r: torch.Tensor) -> torch.Tensor:
+        r64 = r.to(torch.float64).clamp(0, 1)
+        rs_, ss_ = rs.to(r64.device), ss.to(r64.device)
+        hi = torch.searchsorted(rs_, r64, right=True).clamp(1, len(rs) - 1)
+        r0, r1, s0, s1 = rs_[hi - 1], rs_[hi], ss_[hi - 1], ss_[hi]
+        return (s0 + (s1 - s0) * (r64 - r0) / (r1 - r0)).to(r.dtype)
+    return s
+
+
+def shape_fn(schedule: str, sigma: float = 0.22,
+             points: Optional[Sequence[Sequence[float]]] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The schedule's s(r), mapping mask ratio in [0, 1] to [0, 1]."""
+    pi = math.pi
+    table = {
+        "static": lambda r: torch.zeros_like(r),
+        "linear": lambda r: r,
+        "linear_reverse": lambda r: 1 - r,
+        "cosine": lambda r: (1 - torch.cos(pi * r)) / 2,
+        "cosine_reverse": lambda r: (1 + torch.cos(pi * r)) / 2,
+        "bell": lambda r: 1 - 4 * (r - 0.5) ** 2,
+    }
+    if schedule in table:
+        return table[schedule]
+    if schedule == "gaussian":
+        return _gaussian(sigma)
+    if schedule == "gaussian_reverse":
+        g = _gaussian(sigma)
+        return lambda r: 1 - g(r)
+    if schedule == "piecewise":
+        if not points:
+            raise ValueError("schedule 'piecewise' needs points [[r, s], ...]")
+        return _piecewise(points)
+    raise ValueError(f"unknown capacity schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+class TimestepCapacity:
+    """Per-sequence experts-per-token k_b from the mask ratio r_b."""
+
+    def __init__(self, schedule: str, k_min: float, k_max: float, *, sigma: float = 0.22,
+                 points: Optional[Sequence[Sequence[float]]] = None, k_static: Optional[float] = None):
+        self.schedule, self.k_min, self.k_max = schedule, float(k_min), float(k_max)
+        self.sigma, self.points = sigma, points
+        # static ignores r: every sequence gets k_static (defaults to k_min, which equals k_max then)
+        self.k_static = float(k_static if k_static is not None else k_min)
+        self._s = shape_fn(schedule, sigma, points)
+
+    def s(self, r: torch.Tensor) -> torch.Tensor:
+        return self._s(r)
+
+    def k(self, r: torch.Tensor) -> torch.Tensor:
+        """LongTensor of k_b, one per entry of r (float mask ratios in [0, 1])."""
+        r = torch.as_tensor(r, dtype=torch.float64)
+        if self.schedule == "static":
+            return torch.full_like(r, math.floor(self.k_static + 0.5), dtype=torch.long)
+        raw = self.k_min + (self.k_max - self.k_min) * self._s(r)
+        # round half up (not torch's half-to-even) so expected_k and k agree exactly
+        k = torch.floor(raw + 0.5).clamp(math.ceil(self.k_min), math.floor(self.k_max))
+        return k.to(torch.long)
+
+    def expected_k(self) -> float:
+        """E[k(r)] for r ~ U(0, 1), including the rounding, by the midpoint rule."""
+        n = _QUADRATURE_POINTS
+        r = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return float(self.k(r).to(torch.float64).mean())
+
+    def with_k_max(self, k_max: float) -> "TimestepCapacity":
+        return TimestepCapacity(self.schedule, self.k_min, k_max, sigma=self.sigma,
+                                points=self.points, k_static=self.k_static)
+
+    def __repr__(self) -> str:
+        return (f"TimestepCapacity({self.schedule!r}, k_min={self.k_min:g}, k_max={self.k_max:g}, "
+                f"E[k]={self.expected_k():.3f})")
+
+
+class FlopMatchError(ValueError):
+    pass
+
+
+def solve_k_max(cap: TimestepCapacity, k_target: float, k_limit: float, tol: float = 0.01) -> TimestepCapacity:
+    """Smallest k_max in [k_min, k_limit] whose expected k is within `tol` of `k_target`.
+
+    E[k] is non-decreasing in k_max (s >= 0), so bisection on the real line works; the rounding
+    makes it a staircase, which is why a tolerance, not equality, is the goal.
+    """
+    lo, hi = cap.k_min, float(k_limit)
+    if cap.with_k_max(hi).expected_k() < k_target * (1 - tol):
+        raise FlopMatchError(
+            f"cannot reach expected k={k_target:g} with schedule {cap.schedule!r}: even k_max={hi:g} "
+            f"gives {cap.with_k_max(hi).expected_k():.3f}")
+    if cap.with_k_max(lo).expected_k() > k_target * (1 + tol):
+        raise FlopMatchError(f"schedule {cap.schedule!r} with k_min={lo:g} already exceeds "
+                             f"expected k={k_target:g}; lower k_min")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if cap.with_k_max(mid).expected_k() < k_target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((cap.with_k_max(x) for x in (lo, hi)), key=lambda c: abs(c.expected_k() - k_target))
+    if abs(best.expected_k() - k_target) > tol * k_target:
+        raise FlopMatchError(f"schedule {cap.schedule!r}: closest expected k is {best.expected_k():.3f}, "
+                             f"not within {tol:.0%} of {k_target:g} (rounding steps are too coarse)")
+    return best
+
+
+def build_capacity(moe_cfg) -> TimestepCapacity:
+    """TimestepCapacity from a MoEConfig, FLOP-matched per `moe.capacity.flop_match`."""
+    c = moe_cfg.capacity
+    cap = TimestepCapacity(c.schedule, c.k_min, c.k_max, sigma=c.sigma, points=c.points,
+                           k_static=c.k_target)
+    if c.schedule == "static" or c.flop_match == "off":
+        return cap
+    if c.flop_match == "solve":
+        return solve_k_max(cap, c.k_target, moe_cfg.num_experts)
+    ek = cap.expected_k()
+    if abs(ek - c.k_target) > 0.01 * c.k_target:
+        raise FlopMatchError(
+            f"schedule {c.schedule!r} with k_min={c.k_min:g}, k_max={c.k_max:g} has "
+            f"expected k={ek:.3f}, but moe.capacity.k_target={c.k_target:g} (differs by more than 1%); "
+            f"set moe.capacity.flop_match=solve to adjust k_max, or flop_match=off to accept it")
+    return cap

@@ -1,0 +1,139 @@
+"""All communication of an MoE layer, behind one dispatch() / combine() interface.
+
+    dispatch: gather each expert's tokens (x_TD -> per-expert rows) and, under expert
+              parallelism, all-to-all them to the rank that holds the expert;
+    combine:  the reverse all-to-all, then gate-weighted scatter-add back to token order.
+
+`LocalDispatcher` is the one-process case. `AllToAllDispatcher` takes its process group as an
+argument (no globals), so it can be tested on gloo with two processes.
+
+Legend: T tokens, E global experts, El local experts, C slots per expert, N ragged rows, D dim.
+Global expert e lives on rank e // El, so each rank's experts are one contiguous block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .routing import Routing
+
+
+@dataclass
+class ExpertBatch:
+    """Rows for this rank's experts: x is [El, C, D] (fixed capacity) or [N, D] with counts [El]."""
+    x: torch.Tensor
+    counts: Optional[torch.Tensor] = None
+    ctx: Any = None   # what combine() needs to undo dispatch()
+
+
+def gather_tokens(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Rows of x for every slot: [E, C, D] (fixed) or [N, D] (ragged)."""
+    rows = x_TD.index_select(0, routing.token_idx.reshape(-1))
+    return rows.view(*routing.token_idx.shape, x_TD.shape[-1])
+
+
+def scatter_tokens(y: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
+    """out_TD[t] = sum over slots s of token t of gate_s * y_s (padding slots have gate 0)."""
+    D = y.shape[-1]
+    weighted = (y.reshape(-1, D) * routing.gate.reshape(-1, 1).to(y.dtype))
+    out = y.new_zeros(num_tokens, D)
+    return out.index_add(0, routing.token_idx.reshape(-1), weighted)
+
+
+class LocalDispatcher:
+    """All experts on this process: dispatch is a gather, combine a weighted scatter-add."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> ExpertBatch:
+        return ExpertBatch(gather_tokens(x_TD, routing), routing.counts)
+
+    def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
+        return scatter_tokens(y.x, routing, routing.num_tokens)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable all_to_all_single on dim 0; the backward swaps the split sizes."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (in_splits, out_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        in_splits, out_splits = ctx.splits
+        grad_in = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class AllToAllDispatcher:
+    """Experts split over the ranks of `group` (expert parallelism)."""
+
+    def __init__(self, group, num_experts: int):
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        if num_experts % self.ep:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep}")
+        self.num_local = num_experts // self.ep
+
+    # -- fixed capacity (EC, TC with a capacity factor) ----------------------------------------
+    def _capacities(self, C: int, static: bool, device) -> list:
+        """C of every rank. Ranks must agree on all split sizes before an all-to-all: when C
+        follows from shapes (static), every rank already knows it; otherwise one int is exchanged."""
+        if static:
+            return [C] * self.ep
+        mine = torch.tensor([C], device=device)
+        every = [torch.empty_like(mine) for _ in range(self.ep)]
+        dist.all_gather(every, mine, group=self.group)
+        return [int(c) for c in every]
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> ExpertBatch:
+        if not routing.fixed:
+            return self._dispatch_ragged(x_TD, routing)
+        El, D = self.num_local, x_TD.shape[-1]
+        x_ECD = gather_tokens(x_TD, routing)                               # [E, C, D]
+        C = x_ECD.shape[1]
+        caps = self._capacities(C, routing.capacity_static, x_TD.device)
+        recv = all_to_all(x_ECD.reshape(-1, D), [El * c for c in caps], [El * C] * self.ep, self.group)
+        # recv holds, per source rank p, [El, C_p, D]; each local expert takes all sources' rows
+        parts = torch.split(recv, [El * c for c in caps])
+        x_local = torch.cat([p.view(El, c, D) for p, c in zip(parts, caps)], dim=1)   # [El, sum C_p, D]
+        return ExpertBatch(x_local, ctx=(C, caps))
+
+    def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
+        if not routing.fixed:
+            return self._combine_ragged(y, routing)
+        (C, caps), (El, _, D) = y.ctx, y.x.shape
+        back = torch.cat([part.reshape(-1, D) for part in torch.split(y.x, caps, dim=1)])
+        y_ECD = all_to_all(back, [El * C] * self.ep, [El * c for c in caps], self.group)
+        return scatter_tokens(y_ECD.view(-1, C, D), routing, routing.num_tokens)
+
+    # -- ragged (TC dropless): counts first, then rows ----------------------------------------
+    def _dispatch_ragged(self, x_TD: torch.Tensor, routing: Routing) -> ExpertBatch:
+        El, ep = self.num_local, self.ep
+        x_ND = gather_tokens(x_TD, routing)
+        counts_recv = torch.empty_like(routing.counts)        # [ep * El]: per source, per local expert
+        dist.all_to_all_single(counts_recv, routing.counts, group=self.group)
+        send = routing.counts.view(ep, El).sum(1).tolist()
+        recv_counts_pe = counts_recv.view(ep, El)
+        recv = recv_counts_pe.sum(1).tolist()
+        rows = all_to_all(x_ND, recv, send, self.group)          # grouped by (source, local expert)
+        expert_of_row = torch.repeat_interleave(torch.arange(El, device=rows.device).repeat(ep),
+                                                recv_counts_pe.reshape(-1))
+        perm = torch.argsort(expert_of_row, stable=True)         # regroup by local expert
+        return ExpertBatch(rows[perm], recv_counts_pe.sum(0), ctx=(send, recv, perm))
+
+    def _combine_ragged(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
+        send, recv, perm = y.ctx
+        rows = torch.empty_like(y.x).index_copy(0, perm, y.x)    # undo the regrouping
+        y_ND = all_to_all(rows, send, recv, self.group)
+        return scatter_tokens(y_ND, routing, routing.num_tokens)

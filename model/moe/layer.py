@@ -1,0 +1,121 @@
+"""MoELayer: router + routed SwiGLU experts + optional shared experts, as a drop-in nn.Module.
+
+    out = MoELayer(d_model, moe_cfg)(x_BLD, mask_ratio_B, valid_BL)
+    out.hidden  # [B, L, D]
+    out.loss    # z-loss (+ TC balance loss), already weighted: add it to the training loss
+    out.stats   # detached numbers for logging
+
+The layer never talks to other ranks itself: a dispatcher does (dispatch.py). Pass an
+expert-parallel process group to split the experts across its ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import MoEConfig, shared_hidden
+from .capacity import TimestepCapacity, build_capacity
+from .dispatch import AllToAllDispatcher, LocalDispatcher
+from .experts import Experts, SwiGLU
+from .routing import Routing, expert_choice, switch_aux_loss, token_choice, token_scores, \
+    update_expert_bias, z_loss
+
+
+@dataclass
+class MoEStats:
+    """Detached per-layer numbers for this forward (local micro-batch)."""
+    mean_k: torch.Tensor             # experts actually applied per valid token
+    drop_frac: torch.Tensor          # EC: tokens no expert picked; TC: assignments over capacity
+    tokens_per_expert: torch.Tensor  # [E] load before drops (global expert index)
+    assignments: torch.Tensor        # (token, expert) pairs computed: routed FLOPs = 6*D*H*this
+    z_loss: torch.Tensor
+    aux_loss: torch.Tensor
+
+    @property
+    def load_cv(self) -> torch.Tensor:
+        load = self.tokens_per_expert.float()
+        return load.std(unbiased=False) / load.mean().clamp_min(1e-9)
+
+
+@dataclass
+class MoEOutput:
+    hidden: torch.Tensor
+    loss: torch.Tensor
+    stats: MoEStats
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None, layer_idx: int = 0):
+        super().__init__()
+        if cfg.router == "dense":
+            raise ValueError("MoELayer needs moe.router expert_choice or token_choice, not dense")
+        self.cfg, self.d_model, self.layer_idx = cfg, d_model, layer_idx
+        E = cfg.num_experts
+        ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        self.dispatcher = AllToAllDispatcher(ep_group, E) if ep_size > 1 else LocalDispatcher()
+        num_local = E // ep_size
+        self.router = nn.Linear(d_model, E, bias=False)
+        self.experts = Experts(num_local, d_model, cfg.expert_hidden, first_expert=ep_rank * num_local)
+        self.shared = (SwiGLU(d_model, cfg.num_shared_experts * shared_hidden(cfg))
+                       if cfg.num_shared_experts else None)
+        self.capacity: TimestepCapacity = build_capacity(cfg)
+        # aux-loss-free balancing (TC): selection-only bias, a buffer so checkpoints keep it
+        self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
+
+    def forward(self, x_BLD: torch.Tensor, mask_ratio_B: Optional[torch.Tensor] = None,
+                valid_BL: Optional[torch.Tensor] = None) -> MoEOutput:
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        # the router runs in fp32 even under bf16: top-c selection is sensitive to rounding
+        logits_BLE = torch.nn.functional.linear(x_BLD.float(), self.router.weight.float())
+        routing, aux = self.route(logits_BLE, mask_ratio_B, valid_BL)
+        batch = self.dispatcher.dispatch(x_TD, routing)
+        batch.x = (self.experts.forward_fixed(batch.x) if routing.fixed
+                   else self.experts.forward_ragged(batch.x, batch.counts))
+        out_TD = self.dispatcher.combine(batch, routing)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
+        zl = z_loss(logits_BLE.reshape(B * L, -1), valid_T)
+        loss = self.cfg.z_loss_coef * zl + self.cfg.aux_loss_coef * aux
+        n_valid = routing.num_valid_tokens.clamp_min(1)
+        assignments = routing.num_assignments()
+        stats = MoEStats(mean_k=(assignments / n_valid).detach(), drop_frac=routing.drop_frac.detach(),
+                         tokens_per_expert=routing.tokens_per_expert.detach(),
+                         assignments=assignments.detach(), z_loss=zl.detach(), aux_loss=aux.detach())
+        return MoEOutput(out_TD.view(B, L, D), loss, stats)
+
+    def route(self, logits_BLE: torch.Tensor, mask_ratio_B: Optional[torch.Tensor],
+              valid_BL: Optional[torch.Tensor]) -> tuple[Routing, torch.Tensor]:
+        B, L, E = logits_BLE.shape
+        zero = logits_BLE.new_zeros(())
+        if self.cfg.router == "expert_choice":
+            k = self.expert_choice_k(mask_ratio_B, B)
+            return expert_choice(logits_BLE, k, valid_BL, self.cfg.ec_scope, self.cfg.gate_scaling), zero
+        logits_TE = logits_BLE.reshape(B * L, E)
+        valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
+        bias = self.expert_bias if self.cfg.bias_update_rate > 0 else None
+        routing = token_choice(logits_TE, self.cfg.k, self.cfg.capacity_factor, score_fn=self.cfg.score_fn,
+                               renormalize=self.cfg.renormalize, expert_bias=bias, valid_T=valid_T)
+        aux = (switch_aux_loss(token_scores(logits_TE, self.cfg.score_fn), routing, valid_T)
+               if self.cfg.aux_loss_coef > 0 else zero)
+        return routing, aux
+
+    def expert_choice_k(self, mask_ratio_B: Optional[torch.Tensor], batch: int):
+        """An int for static capacity (shapes alone decide C), else a LongTensor k_B."""
+        if self.capacity.schedule == "static":
+            return int(self.capacity.k(torch.zeros(1))[0])
+        if mask_ratio_B is None:
+            raise ValueError(f"capacity schedule {self.capacity.schedule!r} needs the per-sequence mask ratio")
+        return self.capacity.k(mask_ratio_B.detach())
+
+    @torch.no_grad()
+    def update_expert_bias(self, load_E: torch.Tensor) -> None:
+        """Once per optimizer step, with the load summed over micro-batches and ranks."""
+        if self.cfg.router == "token_choice" and self.cfg.bias_update_rate > 0:
+            update_expert_bias(self.expert_bias, load_E, self.cfg.bias_update_rate)

@@ -1,0 +1,268 @@
+"""Routing math: who processes which token, with which gate. Pure functions, no communication.
+
+Shape legend: B batch, L sequence, T = B*L flat tokens, E experts, C slots per expert (capacity),
+N ragged assignments, D model dim.
+
+A `Routing` keeps the compact form the dispatcher needs (slot -> token index, slot gate, grouped by
+expert); `.mask` and `.gates` give dense [..., E] views for users and tests.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    token_idx: torch.Tensor        # [E, C] fixed capacity, or [N] ragged (grouped by expert); flat index < T
+    gate: torch.Tensor             # same shape as token_idx, fp32, 0 in padding slots
+    shape: tuple                   # leading shape of the logits: (B, L) or (T,)
+    num_experts: int
+    counts: Optional[torch.Tensor] = None      # [E] assignments per expert (ragged only)
+    slot_valid: Optional[torch.Tensor] = None  # [E, C] False in padding slots (TC with capacity)
+    capacity_static: bool = False  # C follows from shapes alone, so every rank knows it
+    tokens_per_expert: Optional[torch.Tensor] = None  # [E] float, before capacity drops
+    drop_frac: Optional[torch.Tensor] = None   # EC: tokens no expert picked; TC: assignments dropped
+    num_valid_tokens: Optional[torch.Tensor] = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.token_idx.dim() == 2
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.shape)
+
+    def expert_of_slot(self) -> torch.Tensor:
+        """Expert id of every slot, same shape as token_idx."""
+        if self.fixed:
+            E, C = self.token_idx.shape
+            return torch.arange(E, device=self.token_idx.device)[:, None].expand(E, C)
+        return torch.repeat_interleave(torch.arange(self.num_experts, device=self.counts.device), self.counts)
+
+    def num_assignments(self) -> torch.Tensor:
+        """Valid (token, expert) pairs actually computed: the FLOP count's multiplier."""
+        if self.slot_valid is not None:
+            return self.slot_valid.sum()
+        return torch.tensor(self.token_idx.numel(), device=self.token_idx.device)
+
+    def _dense(self, values: torch.Tensor, fill) -> torch.Tensor:
+        T, E = self.num_tokens, self.num_experts
+        out = torch.full((T, E), fill, dtype=values.dtype, device=values.device)
+        tok, exp, val = self.token_idx.reshape(-1), self.expert_of_slot().reshape(-1), values.reshape(-1)
+        if self.slot_valid is not None:
+            keep = self.slot_valid.reshape(-1)
+            tok, exp, val = tok[keep], exp[keep], val[keep]
+        out[tok, exp] = val
+        return out.view(*self.shape, E)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._dense(torch.ones_like(self.gate, dtype=torch.bool), False)
+
+    @property
+    def gates(self) -> torch.Tensor:
+        return self._dense(self.gate, 0.0)
+
+
+# ---- expert choice -------------------------------------------------------------------------------
+def ec_capacity(num_valid: torch.Tensor, k: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """c = max(floor(L * k / E), 1) per group of tokens (0 for a group with no valid tokens)."""
+    c = torch.div(num_valid * k, num_experts, rounding_mode="floor").clamp_min(1)
+    return torch.where(num_valid > 0, c, torch.zeros_like(c))
+
+
+def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
+                  valid_BL: Optional[torch.Tensor] = None, scope: str = "sequence",
+                  gate_scaling: bool = False) -> Routing:
+    """Each expert picks its top-c tokens; gates are a softmax over the experts that picked a token.
+
+    scope="sequence": per sequence b, c_b = max(floor(L_b k_b / E), 1) among its non-pad tokens.
+    scope="batch":    one selection over all T tokens, c = max(floor(sum_b L_b k_b / E), 1).
+    An int k with no pad mask is the static case: C follows from shapes, with no host sync.
+    """
+    B, L, E = logits_BLE.shape
+    dev = logits_BLE.device
+    static = valid_BL is None and isinstance(k_B, int)
+    scores_BLE = logits_BLE.float()
+    if valid_BL is not None:   # pads can never win a top-c
+        scores_BLE = scores_BLE.masked_fill(~valid_BL[..., None], float("-inf"))
+    L_B = valid_BL.sum(1).long() if valid_BL is not None else torch.full((B,), L, device=dev)
+    k_B = torch.as_tensor(k_B, device=dev).long().expand(B)
+
+    if scope == "sequence":
+        idx_EC = _per_sequence_topc(scores_BLE, L_B, k_B, static)
+    elif scope == "batch":
+        c = max(B * L * int(k_B[0]) // E, 1) if static else int(ec_capacity((L_B * k_B).sum(), 1, E))
+        idx_EC = scores_BLE.reshape(B * L, E).t().topk(c, dim=-1, sorted=False).indices   # [E, C]
+    else:
+        raise ValueError(f"ec_scope={scope!r} must be 'sequence' or 'batch'")
+
+    gate_EC, picked_T = sparse_softmax_gates(scores_BLE.reshape(B * L, E), idx_EC, gate_scaling)
+    unrouted_T = picked_T == 0
+    if valid_BL is not None:
+        unrouted_T &= valid_BL.reshape(-1)
+    n_valid = L_B.sum()
+    return Routing(token_idx=idx_EC, gate=gate_EC, shape=(B, L), num_experts=E, capacity_static=static,
+                   tokens_per_expert=torch.full((E,), float(idx_EC.shape[1]), device=dev),
+                   drop_frac=unrouted_T.sum() / n_valid.clamp_min(1), num_valid_tokens=n_valid)
+
+
+def _per_sequence_topc(scores_BLE: torch.Tensor, L_B: torch.Tensor, k_B: torch.Tensor,
+                       static: bool) -> torch.Tensor:
+    """[E, C] flat token indices, C = sum_b c_b: expert e's picks from every sequence, in order."""
+    B, L, E = scores_BLE.shape
+    offset_B11 = (torch.arange(B, device=scores_BLE.device) * L)[:, None, None]
+    if static:   # every sequence has the same c: one topk, no host sync
+        c = max(L * int(k_B[0]) // E, 1)
+        tok_BEc = scores_BLE.transpose(1, 2).topk(c, dim=-1, sorted=False).indices + offset_B11
+        return tok_BEc.permute(1, 0, 2).reshape(E, B * c)                       # [E, B*c]
+    c_B = ec_capacity(L_B, k_B, E)
+    c_max = int(c_B.max())   # shapes depend on it: one host sync per layer
+    # sorted, so the first c_b of the c_max candidates are sequence b's top c_b
+    tok_BEc = scores_BLE.transpose(1, 2).topk(c_max, dim=-1, sorted=True).indices + offset_B11
+    keep_Bc = torch.arange(c_max, device=c_B.device)[None, :] < c_B[:, None]
+    return tok_BEc.permute(1, 0, 2)[:, keep_Bc]                                  # [E, sum_b c_b]
+
+
+def sparse_softmax_gates(scores_TE: torch.Tensor, idx_EC: torch.Tensor,
+                         gate_scaling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate of token i for a picking expert j = softmax of S_i over the experts that picked i.
+
+    Returns gates [E, C] and the number of experts that picked each token [T].
+    """
+    T, E = scores_TE.shape
+    e_EC = torch.arange(E, device=idx_EC.device)[:, None].expand_as(idx_EC)
+    picked_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
+    picked_TE[idx_EC, e_EC] = True
+    lse_T = torch.logsumexp(scores_TE.masked_fill(~picked_TE, float("-inf")), dim=-1)   # -inf if unpicked
+    gate_EC = torch.exp(scores_TE[idx_EC, e_EC] - lse_T[idx_EC])
+    n_T = picked_TE.sum(-1)
+    if gate_scaling:
+        gate_EC = gate_EC * gate_scale_table(E, device=gate_EC.device)[n_T[idx_EC]]
+    return gate_EC, n_T
+
+
+@functools.lru_cache(maxsize=8)
+def _gate_scale_table_cpu(num_experts: int, samples: int = 2048, seed: int = 0) -> torch.Tensor:
+    """f(n) = E[sum_j g_j^2]^(-1/2) for g = softmax of n standard-normal router logits.
+
+    A token picked by n experts gets a convex mix of n expert outputs, whose norm shrinks like
+    the gates' L2 norm (about 1/sqrt(n) for similar logits). Scaling by f(n) restores the norm of
+    a single expert's output, so heavily-picked tokens are not systematically damped. Estimated
+    once by Monte Carlo (fixed seed, so every rank and run gets the same table) and cached.
+    """
+    g = torch.Generator().manual_seed(seed)
+    f = torch.ones(num_experts + 1, dtype=torch.float32)
+    for n in range(2, num_experts + 1):
+        gates = torch.softmax(torch.randn(samples, n, generator=g), dim=-1)
+        f[n] = gates.pow(2).sum(-1).mean().rsqrt()
+    return f
+
+
+def gate_scale_table(num_experts: int, device=None) -> torch.Tensor:
+    return _gate_scale_table_cpu(num_experts).to(device)
+
+
+# ---- token choice --------------------------------------------------------------------------------
+def token_choice(logits_TE: torch.Tensor, k: int, capacity_factor: Optional[float] = None, *,
+                 score_fn: str = "softmax", renormalize: bool = True,
+                 expert_bias: Optional[torch.Tensor] = None,
+                 valid_T: Optional[torch.Tensor] = None) -> Routing:
+    """Each token picks its top-k experts (the autoregressive-MoE baseline).
+
+    `expert_bias` [E] is added to the scores for *selection only* (aux-loss-free balancing); gates
+    use the unbiased scores. With `capacity_factor`, expert e keeps at most
+    C = ceil(T k / E * cf) assignments, dropping those with the lowest scores; None is dropless.
+    """
+    T, E = logits_TE.shape
+    dev = logits_TE.device
+    probs_TE = token_scores(logits_TE, score_fn)
+    select_TE = probs_TE if expert_bias is None else probs_TE + expert_bias.to(probs_TE)
+    top_Tk = select_TE.topk(k, dim=-1).indices
+    w_Tk = probs_TE.gather(1, top_Tk)
+    if renormalize:
+        w_Tk = w_Tk / w_Tk.sum(-1, keepdim=True).clamp_min(1e-20)
+
+    expert_N = top_Tk.reshape(-1)
+    token_N = torch.arange(T, device=dev).repeat_interleave(k)
+    w_N, score_N = w_Tk.reshape(-1), select_TE.gather(1, top_Tk).reshape(-1).detach()
+    if valid_T is not None:   # pads route nowhere: send them to a sentinel expert E, then drop
+        expert_N = torch.where(valid_T.repeat_interleave(k), expert_N, torch.full_like(expert_N, E))
+    load_E = torch.bincount(expert_N, minlength=E + 1)[:E]
+    n_valid = valid_T.sum() if valid_T is not None else torch.tensor(T, device=dev)
+    common = dict(shape=(T,), num_experts=E, tokens_per_expert=load_E.float(), num_valid_tokens=n_valid)
+
+    if capacity_factor is None:
+        order = torch.argsort(expert_N, stable=True)[: int(load_E.sum())]   # sentinel sorts last
+        return Routing(token_idx=token_N[order], gate=w_N[order], counts=load_E,
+                       drop_frac=torch.zeros((), device=dev), **common)
+
+    C = math.ceil(T * k / E * capacity_factor)
+    # order by expert, and by descending score within an expert, so rank < C keeps the best
+    by_score = torch.argsort(score_N, descending=True, stable=True)
+    order = by_score[torch.argsort(expert_N[by_score], stable=True)]
+    e_sorted = expert_N[order]
+    start_E = torch.cumsum(load_E, 0) - load_E
+    rank = torch.arange(order.numel(), device=dev) - torch.cat([start_E, start_E.new_tensor([0])])[e_sorted]
+    keep = (rank < C) & (e_sorted < E)
+    slot = e_sorted[keep] * C + rank[keep]
+    idx_EC = torch.zeros(E * C, dtype=torch.long, device=dev)
+    gate_EC = torch.zeros(E * C, dtype=w_N.dtype, device=dev)
+    valid_EC = torch.zeros(E * C, dtype=torch.bool, device=dev)
+    idx_EC[slot], gate_EC = token_N[order][keep], gate_EC.index_put((slot,), w_N[order][keep])
+    valid_EC[slot] = True
+    dropped = load_E.sum() - keep.sum()
+    return Routing(token_idx=idx_EC.view(E, C), gate=gate_EC.view(E, C), slot_valid=valid_EC.view(E, C),
+                   capacity_static=True, drop_frac=dropped / load_E.sum().clamp_min(1), **common)
+
+
+def token_scores(logits_TE: torch.Tensor, score_fn: str) -> torch.Tensor:
+    logits_TE = logits_TE.float()
+    if score_fn == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if score_fn == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    raise ValueError(f"score_fn={score_fn!r} must be 'softmax' or 'sigmoid'")
+
+
+# ---- auxiliary losses and balancing --------------------------------------------------------------
+def z_loss(logits_TE: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over (valid) tokens of logsumexp(S_i)^2: keeps router logits from drifting large."""
+    lse2_T = torch.logsumexp(logits_TE.float(), dim=-1).pow(2)
+    if valid_T is None:
+        return lse2_T.mean()
+    return (lse2_T * valid_T).sum() / valid_T.sum().clamp_min(1)
+
+
+def switch_aux_loss(probs_TE: torch.Tensor, routing: Routing,
+                    valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch-Transformer balance loss E * sum_e f_e P_e; equals 1 when perfectly uniform.
+
+    f_e: fraction of top-k assignments to expert e (before drops; not differentiable);
+    P_e: mean routing probability of expert e (differentiable).
+    """
+    E = probs_TE.shape[-1]
+    probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True)   # sigmoid scores: normalize first
+    load_E = routing.tokens_per_expert
+    f_E = load_E / load_E.sum().clamp_min(1)
+    if valid_T is None:
+        P_E = probs_TE.mean(0)
+    else:
+        P_E = (probs_TE * valid_T[:, None]).sum(0) / valid_T.sum().clamp_min(1)
+    return E * (f_E.detach() * P_E).sum()
+
+
+def update_expert_bias(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing: b_e += rate * sign(mean load - load_e), once per optimizer step.
+
+    `load_E` must be the same on every rank (summed over micro-batches and data-parallel ranks),
+    so that every copy of the bias stays identical.
+    """
+    load_E = load_E.to(bias_E)
+    bias_E.add_(rate * torch.sign(load_E.mean() - load_E))

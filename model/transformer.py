@@ -1,0 +1,169 @@
+"""Bidirectional transformer for absorbing-mask diffusion: RMSNorm (fp32), RoPE (rotate-half),
+optional QK-norm, SDPA with no causal mask and a key-padding mask, GQA, no biases, untied head,
+optional logit soft-cap. FFNs are MoE layers (every `moe_every`-th layer) or dense SwiGLU.
+
+Legend: B batch, L length, D model dim, H heads, K kv heads, Dh head dim, V vocab, N selected rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig, dense_hidden, is_moe_layer
+from .moe.experts import SwiGLU
+from .moe.layer import MoELayer, MoEStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()   # statistics in fp32 even under bf16
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [L, Dh/2] for rotate-half (NeoX) RoPE."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHLD.float().chunk(2, dim=-1)
+    L = x_BHLD.shape[-2]
+    cos, sin = cos[:L], sin[:L]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BHLD.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.model
+        self.n_heads, self.n_kv = m.n_heads, m.n_kv_heads or m.n_heads
+        self.head_dim = m.d_model // m.n_heads
+        self.wq = nn.Linear(m.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(m.d_model, 2 * self.n_kv * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, m.d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else None
+
+    def forward(self, x_BLD, rope, attn_mask_B11L: Optional[torch.Tensor]) -> torch.Tensor:
+        B, L, _ = x_BLD.shape
+        q_BHLd = self.wq(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BKLd, v_BKLd = self.wkv(x_BLD).view(B, L, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:   # QK-norm before RoPE
+            q_BHLd, k_BKLd = self.q_norm(q_BHLd), self.k_norm(k_BKLd)
+        q_BHLd, k_BKLd = apply_rope(q_BHLd, *rope), apply_rope(k_BKLd, *rope)
+        o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BKLd, v_BKLd, attn_mask=attn_mask_B11L,
+                                                is_causal=False, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(o_BHLd.transpose(1, 2).reshape(B, L, -1))
+
+
+@dataclass
+class BlockOutput:
+    hidden: torch.Tensor
+    loss: torch.Tensor
+    stats: Optional[MoEStats] = None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ep_group=None):
+        super().__init__()
+        d = cfg.model.d_model
+        self.attn_norm, self.ffn_norm = RMSNorm(d, cfg.model.norm_eps), RMSNorm(d, cfg.model.norm_eps)
+        self.attn = Attention(cfg)
+        self.is_moe = is_moe_layer(layer_idx, cfg.moe)
+        self.ffn = (MoELayer(d, cfg.moe, ep_group, layer_idx) if self.is_moe
+                    else SwiGLU(d, dense_hidden(cfg.moe)))
+
+    def forward(self, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL) -> BlockOutput:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, attn_mask)
+        h_BLD = self.ffn_norm(x_BLD)
+        if not self.is_moe:
+            return BlockOutput(x_BLD + self.ffn(h_BLD), x_BLD.new_zeros(()))
+        out = self.ffn(h_BLD, mask_ratio_B, valid_BL)
+        return BlockOutput(x_BLD + out.hidden, out.loss, out.stats)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                  # [B, L, V], or [N, V] for the positions in logits_mask
+    aux_loss: torch.Tensor                # sum of MoE z-/balance losses (weighted)
+    moe: list = field(default_factory=list)   # MoEStats per MoE layer
+
+
+class DiffusionTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep_group=None, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i, ep_group) for i in range(m.n_layers))
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)   # untied
+        cos, sin = rope_tables(m.max_seq_len, m.d_model // m.n_heads, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """N(0, std) everywhere, output projections scaled by 1/sqrt(2 n_layers) (GPT-2 style).
+
+        Seeded from `seed` alone (not the global RNG), and experts per global expert index, so
+        every parallel layout starts from the same weights.
+        """
+        m = self.cfg.model
+        std, std_out = m.init_std, m.init_std / math.sqrt(2 * m.n_layers)
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or ".experts." in name:
+                continue
+            is_out = name.endswith(("wo.weight", "w_out.weight"))
+            p.copy_(torch.randn(p.shape, generator=g) * (std_out if is_out else std))
+        for i, block in enumerate(self.blocks):
+            if block.is_moe:
+                block.ffn.experts.init_weights(seed, i, std, std_out)
+
+    def forward(self, tokens_BL: torch.Tensor, mask_ratio_B: Optional[torch.Tensor] = None,
+                valid_BL: Optional[torch.Tensor] = None,
+                logits_mask_BL: Optional[torch.Tensor] = None) -> ModelOutput:
+        """valid_BL: False at pad positions (None = no padding, which keeps flash attention).
+        logits_mask_BL: compute the output head only where True (the masked positions)."""
+        B, L = tokens_BL.shape
+        if L > self.cfg.model.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
+        x_BLD = self.embed(tokens_BL)
+        rope = (self.rope_cos, self.rope_sin)
+        attn_mask = valid_BL[:, None, None, :] if valid_BL is not None else None   # key padding
+        aux, stats = x_BLD.new_zeros((), dtype=torch.float32), []
+        for block in self.blocks:
+            if self.cfg.model.activation_checkpointing and self.training:
+                out = checkpoint(block, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, use_reentrant=False)
+            else:
+                out = block(x_BLD, rope, attn_mask, mask_ratio_B, valid_BL)
+            x_BLD, aux = out.hidden, aux + out.loss
+            if out.stats is not None:
+                stats.append(out.stats)
+        h = self.norm(x_BLD)
+        if logits_mask_BL is not None:
+            h = h[logits_mask_BL]                                          # [N, D]
+        logits = self.head(h).float()
+        if self.cfg.model.logit_softcap:
+            cap = self.cfg.model.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return ModelOutput(logits, aux, stats)
+
+    def moe_layers(self) -> list:
+        return [b.ffn for b in self.blocks if b.is_moe]

@@ -195,10 +195,10 @@ def resolve_capacity(e: MoEConfig) -> CapacityConfig:
         c.k_min = c.k_max = c.k_target
     _require(c.k_min is not None and c.k_max is not None,
              f"moe.capacity.k_min and moe.capacity.k_max are required for schedule {c.schedule!r}")
-    _require(c.k_min >= 1, f"moe.capacity.k_min={c.k_min} must be >= 1")
-    _require(c.k_max >= c.k_min, f"moe.capacity.k_max={c.k_max} must be >= moe.capacity.k_min={c.k_min}")
+    _require(c.k_min >= 1, f"moe.capacity.k_min={c.k_min:g} must be >= 1")
+    _require(c.k_max >= c.k_min, f"moe.capacity.k_max={c.k_max:g} must be >= moe.capacity.k_min={c.k_min:g}")
     _require(c.k_max <= e.num_experts,
-             f"moe.capacity.k_max={c.k_max} exceeds moe.num_experts={e.num_experts}")
+             f"moe.capacity.k_max={c.k_max:g} exceeds moe.num_experts={e.num_experts}")
     _require(c.sigma > 0, f"moe.capacity.sigma={c.sigma} must be > 0")
     _require(c.flop_match in ("check", "off", "solve"),
              f"moe.capacity.flop_match={c.flop_match!r} must be check, off or solve")

@@ -21,7 +21,7 @@ from ..config import MoEConfig, shared_hidden
 from .capacity import TimestepCapacity, build_capacity
 from .dispatch import AllToAllDispatcher, LocalDispatcher
 from .experts import Experts, SwiGLU
-from .routing import Routing, expert_choice, switch_aux_loss, token_choice, token_scores, \
+from .routing import Routing, at_least_fp32, expert_choice, switch_aux_loss, token_choice, token_scores, \
     update_expert_bias, z_loss
 
 
@@ -72,7 +72,7 @@ class MoELayer(nn.Module):
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
         # the router runs in fp32 even under bf16: top-c selection is sensitive to rounding
-        logits_BLE = torch.nn.functional.linear(x_BLD.float(), self.router.weight.float())
+        logits_BLE = torch.nn.functional.linear(at_least_fp32(x_BLD), at_least_fp32(self.router.weight))
         routing, aux = self.route(logits_BLE, mask_ratio_B, valid_BL)
         batch = self.dispatcher.dispatch(x_TD, routing)
         batch.x = (self.experts.forward_fixed(batch.x) if routing.fixed

@@ -17,6 +17,11 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Router math runs in fp32 under bf16, but float64 (gradcheck) must stay float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @dataclass
 class Routing:
     token_idx: torch.Tensor        # [E, C] fixed capacity, or [N] ragged (grouped by expert); flat index < T
@@ -89,7 +94,7 @@ def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
     B, L, E = logits_BLE.shape
     dev = logits_BLE.device
     static = valid_BL is None and isinstance(k_B, int)
-    scores_BLE = logits_BLE.float()
+    scores_BLE = at_least_fp32(logits_BLE)
     if valid_BL is not None:   # pads can never win a top-c
         scores_BLE = scores_BLE.masked_fill(~valid_BL[..., None], float("-inf"))
     L_B = valid_BL.sum(1).long() if valid_BL is not None else torch.full((B,), L, device=dev)
@@ -223,7 +228,7 @@ def token_choice(logits_TE: torch.Tensor, k: int, capacity_factor: Optional[floa
 
 
 def token_scores(logits_TE: torch.Tensor, score_fn: str) -> torch.Tensor:
-    logits_TE = logits_TE.float()
+    logits_TE = at_least_fp32(logits_TE)
     if score_fn == "softmax":
         return torch.softmax(logits_TE, dim=-1)
     if score_fn == "sigmoid":
@@ -234,7 +239,7 @@ def token_scores(logits_TE: torch.Tensor, score_fn: str) -> torch.Tensor:
 # ---- auxiliary losses and balancing --------------------------------------------------------------
 def z_loss(logits_TE: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over (valid) tokens of logsumexp(S_i)^2: keeps router logits from drifting large."""
-    lse2_T = torch.logsumexp(logits_TE.float(), dim=-1).pow(2)
+    lse2_T = torch.logsumexp(at_least_fp32(logits_TE), dim=-1).pow(2)
     if valid_T is None:
         return lse2_T.mean()
     return (lse2_T * valid_T).sum() / valid_T.sum().clamp_min(1)

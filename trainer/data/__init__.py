@@ -1,0 +1,35 @@
+"""Data pipeline of ecdlm.
+
+`python -m trainer.data prepare` turns a corpus into token shards; `PackedLoader`
+feeds them to the trainer as packed, deterministically shuffled micro-batches.
+"""
+
+import importlib
+
+# Exports resolve lazily: tokenizer worker processes import this package, and pulling
+# torch (via the loader) into each of them would cost seconds and memory for nothing.
+_EXPORTS = {
+    "DataError": "errors",
+    "FORMAT_VERSION": "meta",
+    "load_meta": "meta",
+    "check_vocab": "meta",
+    "TokenStore": "tokens",
+    "PackedSequences": "packing",
+    "MicroBatch": "loader",
+    "PackedLoader": "loader",
+    "fixed_eval_batches": "loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

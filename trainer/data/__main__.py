@@ -1,0 +1,64 @@
+"""Command line: `python -m trainer.data prepare --out DIR [source] [options]`."""
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "prepare",
+        help="tokenize a corpus into train/val token shards",
+        description="Tokenize a corpus into train/val token shards. Without --dataset or --files "
+        "the running Python's standard library sources are used (no download).",
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--dataset", help="Hugging Face hub dataset name (streamed)")
+    source.add_argument("--files", nargs="+", metavar="PATH", help="local .txt/.json/.jsonl/.parquet files or globs")
+    p.add_argument("--dataset-config", help="hub dataset configuration name")
+    p.add_argument("--split", default="train", help="hub dataset split to read (default: train)")
+    p.add_argument("--text-field", default="text", help="column holding the text (default: text)")
+    p.add_argument("--max-docs", type=int, help="use at most this many (non-skipped) documents")
+    p.add_argument(
+        "--max-bytes", type=int,
+        help="stop after this many bytes of text (default: 16000000 for the embedded corpus, else no cap)",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default: 0.02)")
+    p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size to train (default: 4096)")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece model type")
+    p.add_argument("--tokenizer", metavar="PATH.model", help="use this sentencepiece model instead of training one")
+    p.add_argument(
+        "--tokenizer-sample-bytes", type=int, default=32_000_000,
+        help="train the tokenizer on this much train text (default: 32000000)",
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=os.cpu_count() or 1,
+        help="tokenizer processes (default: cpu count; 0 or 1 = in this process)",
+    )
+    p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file (default: 2**26)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported here, not at the top: tokenizer worker processes re-import this module
+    # and must not pay for importing datasets.
+    from .errors import DataError
+    from .prepare import PrepareConfig, prepare
+
+    config = PrepareConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    try:
+        prepare(config)
+    except DataError as exc:
+        logging.getLogger("trainer.data").error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The run configuration: the model's config (model, moe, diffusion) plus train, optim, data, eval
+and wandb sections. Built from a YAML preset and dotted `key=value` overrides, validated once;
+every error names the key. Batch size, accumulation, precision and clipping live here and only
+here: the DeepSpeed JSON says "auto" for them (see ds_config.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+from model.config import (ConfigError, DiffusionConfig, ModelArchConfig, MoEConfig, from_dict,
+                          validate_diffusion, validate_model, validate_moe)
+from model.config import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "tiny"
+    output_dir: Optional[str] = None          # default runs/<run_name>: the run directory
+    max_steps: int = 200
+    schedule_steps: Optional[int] = None      # LR schedule length; default max_steps
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    seq_len: int = 128
+    eval_every: int = 50
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 1234
+    resume: str = "auto"                      # auto | never | <checkpoint dir>
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    grad_clip: float = 1.0
+    peak_tflops: Optional[float] = None       # for MFU; None = detect (unknown on CPU -> null)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2               # wsd: final fraction of steps spent decaying
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/default"                # a directory written by `python -m trainer.data prepare`
+    prefetch: int = 2
+
+
+@dataclass
+class EvalConfig:
+    batches: int = 4                          # validation batches per evaluation
+    batch_size: int = 8
+    num_ratio_points: int = 10                # fixed grid of mask ratios, one per bin centre
+    seed: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"   # auto: online iff an API key is set
+    project: str = "ecdlm"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelArchConfig = field(default_factory=ModelArchConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        validate_model(self.model)
+        validate_moe(self.moe)
+        validate_diffusion(self.diffusion)
+        validate_train(self)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(self.model, self.moe, self.diffusion)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> str:
+        return self.train.output_dir or os.path.join("runs", self.train.run_name)
+
+
+def validate_train(cfg: RunConfig) -> None:
+    t, o = cfg.train, cfg.optim
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "eval_every",
+                 "save_every", "keep_last", "log_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1")
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size}")
+    if t.schedule_steps is not None and t.schedule_steps < t.max_steps:
+        raise ConfigError(f"train.schedule_steps={t.schedule_steps} must be >= train.max_steps={t.max_steps}")
+    if not (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)):
+        raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0 or not 0 < o.decay_fraction <= 1:
+        raise ConfigError("optim: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, 0 < decay_fraction <= 1")
+    if t.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+
+
+# ---- YAML + overrides --------------------------------------------------------------------------
+def parse_override(item: str) -> tuple[list, object]:
+    """'moe.capacity.k_max=32' -> (['moe', 'capacity', 'k_max'], 32); values parse as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=50)")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_override(tree: dict, path: list, value) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
+    """Preset YAML (or the defaults) + dotted overrides -> validated RunConfig."""
+    tree: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist (presets are in configs/)")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for item in overrides:
+        apply_override(tree, *parse_override(item))
+    return from_dict(RunConfig, tree)
+
+
+def save_config(cfg: RunConfig, path: str, extra: Optional[dict] = None) -> None:
+    data = cfg.to_dict()
+    if extra:
+        data.update(extra)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,208 @@
+"""The training run, top to bottom: checks, set-up, resume, then per optimizer step: micro-batches
+(forward, backward), optimizer step, expert-bias update, metrics, evaluation, checkpoint, and a
+preemption check. Returns the process exit status (0, or a preemption code).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from model import DiffusionTransformer
+from trainer.data import PackedLoader, check_vocab, fixed_eval_batches
+
+from . import checkpoint as ckpt
+from .config import RunConfig, save_config
+from .ds_config import load_ds_config, resolve_ds_config
+from .evaluate import evaluate
+from .flops import device_peak_tflops, train_flops
+from .metrics import build_metrics
+from .noise import global_batch_noise
+from .objective import DiffusionObjective
+from .parallel import (MoEMarker, create_expert_groups, expert_data_parallel_group, optimizer_param_groups,
+                       tag_expert_params)
+from .preemption import PreemptionWatcher, comm_device
+from .schedule import build_scheduler
+from .step_stats import StepStats, load_cv
+
+log = logging.getLogger("ecdlm")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def preflight(cfg: RunConfig, ds_config_path: str) -> dict:
+    """Everything checkable before processes talk to each other: fail fast, name the problem."""
+    ds_raw = load_ds_config(ds_config_path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolve_ds_config(ds_raw, cfg, world, bf16=False, has_moe=cfg.moe.router != "dense", src=ds_config_path)
+    for split in ("train", "val"):
+        if not os.path.exists(os.path.join(cfg.data.path, split, "meta.json")):
+            raise FileNotFoundError(f"data.path={cfg.data.path} has no prepared {split} split; run "
+                                    f"`python -m trainer.data prepare --out {cfg.data.path}` first")
+    check_vocab(cfg.data.path, cfg.model.vocab_size, cfg.model.pad_id, cfg.model.mask_id, data_path=cfg.data.path)
+    return ds_raw
+
+
+def build_optimizer(param_groups: list, cfg: RunConfig, ds: dict):
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam   # optimizer state lives on the CPU
+        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(param_groups, fused=torch.cuda.is_available(), **kw)
+
+
+def run(cfg: RunConfig, ds_config_path: str) -> int:
+    ds_raw = preflight(cfg, ds_config_path)
+    deepspeed.init_distributed()   # NCCL on GPUs, gloo on CPU; env:// or MPI discovery
+    rank, world = dist.get_rank(), dist.get_world_size()
+    setup_logging(rank)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    has_moe = cfg.moe.router != "dense"
+    ds = resolve_ds_config(ds_raw, cfg, world, bf16=bf16, has_moe=has_moe, src=ds_config_path)
+    run_dir = cfg.run_dir
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
+            json.dump(ds, f, indent=2)
+    dist.barrier()
+
+    # ---- model, expert parallelism, engine ------------------------------------------------
+    ep_size = cfg.moe.ep_size if has_moe else 1
+    ep_group = create_expert_groups(ep_size) if has_moe else None
+    model = DiffusionTransformer(cfg.model_config(), ep_group if ep_size > 1 else None, seed=cfg.train.seed)
+    marker = None
+    if has_moe:
+        tag_expert_params(model, ep_size)
+        marker = MoEMarker(cfg.moe.num_experts, ep_size)
+    objective = DiffusionObjective(model, marker)
+    optimizer = build_optimizer(optimizer_param_groups(objective, cfg.optim.weight_decay), cfg, ds)
+    scheduler = build_scheduler(optimizer, cfg)
+    engine, _, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
+                                                   lr_scheduler=scheduler, config=ds, dist_init_required=False)
+    model = engine.module.model
+    ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+    edp_rank = dist.get_rank(expert_data_parallel_group(ep_size)) if has_moe else rank
+
+    t = cfg.train
+    G, L = t.global_batch_size, t.seq_len
+    loader = PackedLoader(os.path.join(cfg.data.path, "train"), L, G, t.micro_batch_size, rank, world,
+                          t.seed, prefetch=cfg.data.prefetch)
+    val_batches = fixed_eval_batches(os.path.join(cfg.data.path, "val"), L, cfg.eval.batch_size, cfg.eval.batches)
+
+    # ---- resume ------------------------------------------------------------------------
+    found = [ckpt.find_checkpoint(run_dir, t.resume) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    start_step = 0
+    if found[0]:
+        client = ckpt.load_checkpoint(engine, model, found[0], rank=rank, ep_rank=ep_rank, ep_size=ep_size)
+        start_step = client["step"]
+        loader.load_state_dict(client["loader"])
+        log.info("resumed from %s at step %d", found[0], start_step)
+    metrics, _ = build_metrics(cfg, run_dir, rank, start_step)
+    counts = cfg.model_config().param_counts()
+    log.info("params: %.2fM total, %.2fM active per token | world %d, ep %d, grad accum %d | "
+             "%d tokens per step | run dir %s", counts["total"] / 1e6, counts["active"] / 1e6, world, ep_size,
+             loader.grad_accum_steps, G * L, run_dir)
+
+    watcher = PreemptionWatcher()
+    stats = StepStats(len(model.moe_layers()), cfg.moe.num_experts)
+    peak = device_peak_tflops(t.peak_tflops)
+    cdev = comm_device()
+    update_bias = cfg.moe.router == "token_choice" and cfg.moe.bias_update_rate > 0
+    step, exit_code = start_step, 0
+
+    def save() -> None:
+        client = {"step": step, "tokens": step * G * L, "loader": loader.state_dict(),
+                  "layout": {"world_size": world, "ep_size": ep_size}}
+        path = ckpt.save_checkpoint(engine, model, run_dir, step, client, rank=rank, ep_rank=ep_rank,
+                                    ep_size=ep_size, expert_dp_rank=edp_rank, keep_last=t.keep_last)
+        log.info("saved checkpoint %s", path)
+
+    def run_eval() -> None:
+        row = evaluate(model, val_batches, cfg, rank, world, device)
+        metrics.log({"step": step, "tokens": step * G * L, **row})
+
+    if start_step == 0:
+        run_eval()   # the untrained baseline, so every run's curve starts at the same place
+    try:
+        while step < t.max_steps:
+            t0, wait0 = time.time(), loader.wait_seconds
+            lr = scheduler.get_last_lr()[0]
+            u_G, token_u_GL = global_batch_noise(t.seed, step, G, L, cfg.diffusion.low_discrepancy)
+            step_load = torch.zeros(len(model.moe_layers()), cfg.moe.num_experts, dtype=torch.float64)
+            for _ in range(loader.grad_accum_steps):
+                mb = loader.next_micro_batch()
+                idx = mb.global_offsets
+                loss, rec, out = engine(mb.tokens.to(device), u_G[idx].to(device), token_u_GL[idx].to(device))
+                engine.backward(loss)
+                engine.step()
+                stats.add_micro(rec, out)
+                if update_bias:
+                    step_load += torch.stack([s.tokens_per_expert.double().cpu() for s in out.moe])
+            if update_bias:   # once per optimizer step, with the global load, identically on all ranks
+                step_load = step_load.to(cdev)
+                dist.all_reduce(step_load)
+                for layer, load in zip(model.moe_layers(), step_load):
+                    layer.update_expert_bias(load.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step += 1
+            stats.add_step(time.time() - t0, loader.wait_seconds - wait0, engine.get_global_grad_norm())
+            if step % t.log_every == 0 or step == t.max_steps:
+                metrics.log(metrics_row(cfg, stats.reduce(cdev), step, lr, world, peak, device))
+                stats.reset()
+            if step % t.eval_every == 0 or step == t.max_steps:
+                run_eval()
+            exit_code = watcher.agreed_exit_code()
+            if exit_code or step % t.save_every == 0 or step == t.max_steps:
+                save()
+            if exit_code:
+                log.warning("preemption signal: checkpointed at step %d, exiting with %d", step, exit_code)
+                break
+    finally:
+        loader.close()
+        metrics.close()
+    if rank == 0:
+        log.info("run directory: %s", os.path.abspath(run_dir))
+    return exit_code
+
+
+def metrics_row(cfg: RunConfig, r: dict, step: int, lr: float, world: int, peak, device) -> dict:
+    t = cfg.train
+    tokens_per_step = t.global_batch_size * t.seq_len
+    flops = train_flops(cfg.model_config(), tokens_per_step, t.seq_len, r["masked_per_step"],
+                        r["assignments_per_step"])
+    tflops = flops / r["step_s"] / world / 1e12
+    row = {"step": step, "tokens": step * tokens_per_step, "train/loss": r["loss"], "train/z_loss": r["z_loss"],
+           "train/aux_loss": r["aux_loss"], "train/grad_norm": r["grad_norm"], "train/lr": lr,
+           "moe/mean_k": r["mean_k"], "perf/tokens_per_s": tokens_per_step / r["step_s"],
+           "perf/tflops_per_device": tflops, "perf/mfu": tflops / peak if peak else None,
+           "perf/step_s": r["step_s"], "perf/rank_spread_s": r["rank_spread_s"],
+           "perf/data_wait_frac": r["wait_frac"], "perf/max_mem_gb": max_memory_gb(device)}
+    for j, v in enumerate(r["bin_loss"]):
+        row[f"train/loss_bin/{j:02d}"] = v
+    for i, (drop, load) in enumerate(zip(r["drop"], r["load"])):
+        row[f"moe/drop_frac/layer{i:02d}"] = drop
+        row[f"moe/load_cv/layer{i:02d}"] = load_cv(load)
+    return row
+
+
+def max_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # KiB on Linux

@@ -1,0 +1,50 @@
+"""Entry point.
+
+    deepspeed trainer/main.py --ds_config ds_configs/zero2.json [--config configs/NAME.yaml] [key=value ...]
+
+Also runs under `srun`/`mpirun` (RANK/WORLD_SIZE/MASTER_* set by the launcher script, or MPI
+discovery through mpi4py). Exit status: 0 done, 85 preempted by SIGUSR1 (requeue me), 86 stopped
+by SIGTERM after a checkpoint, 2 bad configuration or input.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # `deepspeed trainer/main.py` runs the file, not the package
+    sys.path.insert(0, ROOT)
+
+from model.config import ConfigError  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Pretrain a masked-diffusion MoE LM with DeepSpeed.")
+    p.add_argument("--ds_config", default="ds_configs/zero2.json", help="DeepSpeed JSON (ZeRO settings)")
+    p.add_argument("--config", default="configs/tiny.yaml", help="YAML preset in configs/")
+    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.max_steps=50")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.config, tuple(args.overrides))
+        from trainer.loop import run   # imports DeepSpeed: only after the config is known good
+        return run(cfg, args.ds_config)
+    except (ConfigError, FileNotFoundError) as err:   # bad input: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        if type(err).__name__ == "DataError":   # the data pipeline's bad-input error
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The module the DeepSpeed engine wraps: the model plus its diffusion loss.
+
+Wrapping keeps DeepSpeed's forward/backward bookkeeping around the whole loss computation, and
+holds the MoE marker (trainer/parallel.py) beside the model rather than inside it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from model.diffusion import forward_loss
+
+
+class DiffusionObjective(nn.Module):
+    def __init__(self, model: nn.Module, moe_marker: Optional[nn.Module] = None):
+        super().__init__()
+        self.model = model
+        if moe_marker is not None:
+            self.moe_marker = moe_marker
+
+    def forward(self, tokens_BL: torch.Tensor, u_B: torch.Tensor, token_u_BL: torch.Tensor,
+                valid_BL: Optional[torch.Tensor] = None):
+        """Returns (loss to backpropagate, DiffusionLoss record, ModelOutput)."""
+        return forward_loss(self.model, tokens_BL, u_B, token_u_BL, valid_BL)

@@ -1,0 +1,94 @@
+"""The one place where ecdlm's MoE layers meet DeepSpeed's expert-parallel conventions.
+
+DeepSpeed decides how ZeRO treats a parameter from three things, all set here:
+  1. expert-parallel and expert-data-parallel process groups, created by deepspeed.utils.groups
+     under the name "ep_size_<n>";
+  2. parameter tags: `param.allreduce = False` and `param.group_name = "ep_size_<n>"` mark expert
+     weights, whose gradients are reduced only across ranks holding the same experts;
+  3. optimizer param groups with `moe: True`, so ZeRO partitions expert state in the
+     expert-data-parallel group.
+The engine only turns that machinery on (`has_moe_layers`) when it finds an instance of its own
+`deepspeed.moe.layer.MoE` class among the modules. Our layers are plain PyTorch (model/ never
+imports DeepSpeed), so `MoEMarker` is a stateless instance of that class attached beside the
+model. It has no parameters, so DeepSpeed's per-expert checkpoint files (keyed by its own expert
+module names) are empty; trainer/checkpoint.py saves our stacked experts itself, once each.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
+
+from model.config import ConfigError
+
+
+def expert_group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"
+
+
+def create_expert_groups(ep_size: int):
+    """DeepSpeed's expert-parallel groups for `ep_size`; returns our rank's expert-parallel group."""
+    world = dist.get_world_size()
+    if world % ep_size:
+        raise ConfigError(f"moe.ep_size={ep_size} must divide the world size {world} "
+                          f"(choose one of {[d for d in range(1, world + 1) if world % d == 0]})")
+    name = expert_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)
+
+
+def expert_data_parallel_group(ep_size: int):
+    return groups._get_expert_data_parallel_group(expert_group_name(ep_size))
+
+
+class MoEMarker(MoE):
+    """Makes the DeepSpeed engine enable its MoE handling (see the module docstring).
+
+    MoE.__init__ is skipped on purpose: it would build DeepSpeed's own gate and experts. Only the
+    attributes the engine reads are set.
+    """
+
+    def __init__(self, num_experts: int, ep_size: int):
+        nn.Module.__init__(self)
+        self.num_experts, self.ep_size = num_experts, ep_size
+        self.expert_group_name = expert_group_name(ep_size)
+        # 0, so the engine's checkpoint loader looks for none of its own per-expert files
+        # (it saved none: this module has no state); ZeRO reads groups and tags, not this
+        self.num_local_experts = 0
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """The engine calls this on MoE modules to create groups; create_expert_groups already did."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("MoEMarker only marks the model for DeepSpeed; it is never called")
+
+
+def tag_expert_params(model, ep_size: int) -> int:
+    """Tag routed-expert weights for DeepSpeed; returns how many tensors were tagged."""
+    n = 0
+    for layer in model.moe_layers():
+        for p in layer.experts.parameters():
+            p.allreduce = False
+            p.group_name = expert_group_name(ep_size)
+            n += 1
+    return n
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list:
+    """Decay on matrices, none on norms (1-D); expert tensors split into DeepSpeed MoE groups."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    param_groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+                    {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    split = split_params_into_different_moe_groups_for_optimizer(param_groups)
+    return [g for g in split if g["params"]]   # ZeRO cannot flatten an empty group
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False

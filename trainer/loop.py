@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import time
+from dataclasses import dataclass
 
 import deepspeed
 import torch
@@ -61,7 +62,47 @@ def build_optimizer(param_groups: list, cfg: RunConfig, ds: dict):
     return torch.optim.AdamW(param_groups, fused=torch.cuda.is_available(), **kw)
 
 
-def run(cfg: RunConfig, ds_config_path: str) -> int:
+@dataclass
+class Session:
+    """Everything a training run holds after set-up."""
+    cfg: RunConfig
+    engine: object
+    model: DiffusionTransformer
+    scheduler: object
+    loader: PackedLoader
+    val_batches: list
+    device: torch.device
+    rank: int
+    world: int
+    ep_size: int
+    ep_rank: int
+    expert_dp_rank: int
+    start_step: int = 0
+
+    @property
+    def run_dir(self) -> str:
+        return self.cfg.run_dir
+
+    def client_state(self, step: int) -> dict:
+        t = self.cfg.train
+        return {"step": step, "tokens": step * t.global_batch_size * t.seq_len,
+                "loader": self.loader.state_dict(), "layout": {"world_size": self.world, "ep_size": self.ep_size}}
+
+    def save(self, step: int) -> str:
+        return ckpt.save_checkpoint(self.engine, self.model, self.run_dir, step, self.client_state(step),
+                                    rank=self.rank, ep_rank=self.ep_rank, ep_size=self.ep_size,
+                                    expert_dp_rank=self.expert_dp_rank, keep_last=self.cfg.train.keep_last)
+
+    def load(self, path: str) -> int:
+        client = ckpt.load_checkpoint(self.engine, self.model, path, rank=self.rank, ep_rank=self.ep_rank,
+                                      ep_size=self.ep_size)
+        self.loader.load_state_dict(client["loader"])
+        self.start_step = client["step"]
+        return self.start_step
+
+
+def setup(cfg: RunConfig, ds_config_path: str) -> Session:
+    """Checks, process groups, model, DeepSpeed engine, data, and resume."""
     ds_raw = preflight(cfg, ds_config_path)
     deepspeed.init_distributed()   # NCCL on GPUs, gloo on CPU; env:// or MPI discovery
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -73,15 +114,13 @@ def run(cfg: RunConfig, ds_config_path: str) -> int:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     has_moe = cfg.moe.router != "dense"
     ds = resolve_ds_config(ds_raw, cfg, world, bf16=bf16, has_moe=has_moe, src=ds_config_path)
-    run_dir = cfg.run_dir
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        with open(os.path.join(cfg.run_dir, "ds_config.json"), "w") as f:
             json.dump(ds, f, indent=2)
     dist.barrier()
 
-    # ---- model, expert parallelism, engine ------------------------------------------------
     ep_size = cfg.moe.ep_size if has_moe else 1
     ep_group = create_expert_groups(ep_size) if has_moe else None
     model = DiffusionTransformer(cfg.model_config(), ep_group if ep_size > 1 else None, seed=cfg.train.seed)
@@ -94,95 +133,102 @@ def run(cfg: RunConfig, ds_config_path: str) -> int:
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
                                                    lr_scheduler=scheduler, config=ds, dist_init_required=False)
-    model = engine.module.model
-    ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
-    edp_rank = dist.get_rank(expert_data_parallel_group(ep_size)) if has_moe else rank
-
     t = cfg.train
-    G, L = t.global_batch_size, t.seq_len
-    loader = PackedLoader(os.path.join(cfg.data.path, "train"), L, G, t.micro_batch_size, rank, world,
-                          t.seed, prefetch=cfg.data.prefetch)
-    val_batches = fixed_eval_batches(os.path.join(cfg.data.path, "val"), L, cfg.eval.batch_size, cfg.eval.batches)
-
-    # ---- resume ------------------------------------------------------------------------
-    found = [ckpt.find_checkpoint(run_dir, t.resume) if rank == 0 else None]
-    dist.broadcast_object_list(found, src=0)
-    start_step = 0
+    loader = PackedLoader(os.path.join(cfg.data.path, "train"), t.seq_len, t.global_batch_size,
+                          t.micro_batch_size, rank, world, t.seed, prefetch=cfg.data.prefetch)
+    val_batches = fixed_eval_batches(os.path.join(cfg.data.path, "val"), t.seq_len, cfg.eval.batch_size,
+                                     cfg.eval.batches)
+    session = Session(cfg, engine, engine.module.model, scheduler, loader, val_batches, device, rank, world,
+                      ep_size, dist.get_rank(ep_group) if ep_group is not None else 0,
+                      dist.get_rank(expert_data_parallel_group(ep_size)) if has_moe else rank)
+    found = [ckpt.find_checkpoint(cfg.run_dir, t.resume) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)   # one decision for all ranks
     if found[0]:
-        client = ckpt.load_checkpoint(engine, model, found[0], rank=rank, ep_rank=ep_rank, ep_size=ep_size)
-        start_step = client["step"]
-        loader.load_state_dict(client["loader"])
-        log.info("resumed from %s at step %d", found[0], start_step)
-    metrics, _ = build_metrics(cfg, run_dir, rank, start_step)
+        session.load(found[0])
+        log.info("resumed from %s at step %d", found[0], session.start_step)
+    return session
+
+
+def train_step(s: Session, step: int, stats: StepStats, update_bias: bool, cdev) -> None:
+    """One optimizer step: every micro-batch forward and backward, the step, the bias update."""
+    t = s.cfg.train
+    u_G, token_u_GL = global_batch_noise(t.seed, step, t.global_batch_size, t.seq_len,
+                                         s.cfg.diffusion.low_discrepancy)
+    layers = s.model.moe_layers()
+    step_load = torch.zeros(len(layers), s.cfg.moe.num_experts, dtype=torch.float64)
+    for _ in range(s.loader.grad_accum_steps):
+        mb = s.loader.next_micro_batch()
+        idx = mb.global_offsets
+        loss, rec, out = s.engine(mb.tokens.to(s.device), u_G[idx].to(s.device), token_u_GL[idx].to(s.device))
+        s.engine.backward(loss)
+        s.engine.step()   # DeepSpeed steps the optimizer only at the accumulation boundary
+        stats.add_micro(rec, out)
+        if update_bias:
+            step_load += torch.stack([st.tokens_per_expert.double().cpu() for st in out.moe])
+    if update_bias:   # once per optimizer step, with the global load, identically on every rank
+        step_load = step_load.to(cdev)
+        dist.all_reduce(step_load)
+        for layer, load in zip(layers, step_load):
+            layer.update_expert_bias(load.to(s.device))
+
+
+def train(s: Session) -> int:
+    """The loop. Returns the exit status: 0, or a preemption code after a checkpoint."""
+    cfg, t = s.cfg, s.cfg.train
+    G, L = t.global_batch_size, t.seq_len
+    metrics, _ = build_metrics(cfg, s.run_dir, s.rank, s.start_step)
     counts = cfg.model_config().param_counts()
     log.info("params: %.2fM total, %.2fM active per token | world %d, ep %d, grad accum %d | "
-             "%d tokens per step | run dir %s", counts["total"] / 1e6, counts["active"] / 1e6, world, ep_size,
-             loader.grad_accum_steps, G * L, run_dir)
-
+             "%d tokens per step | run dir %s", counts["total"] / 1e6, counts["active"] / 1e6, s.world,
+             s.ep_size, s.loader.grad_accum_steps, G * L, s.run_dir)
     watcher = PreemptionWatcher()
-    stats = StepStats(len(model.moe_layers()), cfg.moe.num_experts)
+    stats = StepStats(len(s.model.moe_layers()), cfg.moe.num_experts)
     peak = device_peak_tflops(t.peak_tflops)
     cdev = comm_device()
     update_bias = cfg.moe.router == "token_choice" and cfg.moe.bias_update_rate > 0
-    step, exit_code = start_step, 0
-
-    def save() -> None:
-        client = {"step": step, "tokens": step * G * L, "loader": loader.state_dict(),
-                  "layout": {"world_size": world, "ep_size": ep_size}}
-        path = ckpt.save_checkpoint(engine, model, run_dir, step, client, rank=rank, ep_rank=ep_rank,
-                                    ep_size=ep_size, expert_dp_rank=edp_rank, keep_last=t.keep_last)
-        log.info("saved checkpoint %s", path)
+    layer_ids = [layer.layer_idx for layer in s.model.moe_layers()]
+    step, exit_code = s.start_step, 0
 
     def run_eval() -> None:
-        row = evaluate(model, val_batches, cfg, rank, world, device)
+        row = evaluate(s.model, s.val_batches, cfg, s.rank, s.world, s.device)
         metrics.log({"step": step, "tokens": step * G * L, **row})
 
-    if start_step == 0:
+    if step == 0:
         run_eval()   # the untrained baseline, so every run's curve starts at the same place
     try:
         while step < t.max_steps:
-            t0, wait0 = time.time(), loader.wait_seconds
-            lr = scheduler.get_last_lr()[0]
-            u_G, token_u_GL = global_batch_noise(t.seed, step, G, L, cfg.diffusion.low_discrepancy)
-            step_load = torch.zeros(len(model.moe_layers()), cfg.moe.num_experts, dtype=torch.float64)
-            for _ in range(loader.grad_accum_steps):
-                mb = loader.next_micro_batch()
-                idx = mb.global_offsets
-                loss, rec, out = engine(mb.tokens.to(device), u_G[idx].to(device), token_u_GL[idx].to(device))
-                engine.backward(loss)
-                engine.step()
-                stats.add_micro(rec, out)
-                if update_bias:
-                    step_load += torch.stack([s.tokens_per_expert.double().cpu() for s in out.moe])
-            if update_bias:   # once per optimizer step, with the global load, identically on all ranks
-                step_load = step_load.to(cdev)
-                dist.all_reduce(step_load)
-                for layer, load in zip(model.moe_layers(), step_load):
-                    layer.update_expert_bias(load.to(device))
-            if device.type == "cuda":
+            t0, wait0 = time.time(), s.loader.wait_seconds
+            lr = s.scheduler.get_last_lr()[0]
+            train_step(s, step, stats, update_bias, cdev)
+            if s.device.type == "cuda":
                 torch.cuda.synchronize()
             step += 1
-            stats.add_step(time.time() - t0, loader.wait_seconds - wait0, engine.get_global_grad_norm())
+            stats.add_step(time.time() - t0, s.loader.wait_seconds - wait0, s.engine.get_global_grad_norm())
             if step % t.log_every == 0 or step == t.max_steps:
-                metrics.log(metrics_row(cfg, stats.reduce(cdev), step, lr, world, peak, device))
+                metrics.log(metrics_row(cfg, stats.reduce(cdev), step, lr, s.world, peak, s.device, layer_ids))
                 stats.reset()
             if step % t.eval_every == 0 or step == t.max_steps:
                 run_eval()
             exit_code = watcher.agreed_exit_code()
             if exit_code or step % t.save_every == 0 or step == t.max_steps:
-                save()
+                log.info("saved checkpoint %s", s.save(step))
             if exit_code:
                 log.warning("preemption signal: checkpointed at step %d, exiting with %d", step, exit_code)
                 break
     finally:
-        loader.close()
+        s.loader.close()
         metrics.close()
-    if rank == 0:
-        log.info("run directory: %s", os.path.abspath(run_dir))
+    if s.rank == 0:
+        log.info("run directory: %s", os.path.abspath(s.run_dir))
     return exit_code
 
 
-def metrics_row(cfg: RunConfig, r: dict, step: int, lr: float, world: int, peak, device) -> dict:
+def run(cfg: RunConfig, ds_config_path: str) -> int:
+    return train(setup(cfg, ds_config_path))
+
+
+def metrics_row(cfg: RunConfig, r: dict, step: int, lr: float, world: int, peak, device,
+                layer_ids: list) -> dict:
     t = cfg.train
     tokens_per_step = t.global_batch_size * t.seq_len
     flops = train_flops(cfg.model_config(), tokens_per_step, t.seq_len, r["masked_per_step"],
@@ -196,7 +242,7 @@ def metrics_row(cfg: RunConfig, r: dict, step: int, lr: float, world: int, peak,
            "perf/data_wait_frac": r["wait_frac"], "perf/max_mem_gb": max_memory_gb(device)}
     for j, v in enumerate(r["bin_loss"]):
         row[f"train/loss_bin/{j:02d}"] = v
-    for i, (drop, load) in enumerate(zip(r["drop"], r["load"])):
+    for i, drop, load in zip(layer_ids, r["drop"], r["load"]):
         row[f"moe/drop_frac/layer{i:02d}"] = drop
         row[f"moe/load_cv/layer{i:02d}"] = load_cv(load)
     return row

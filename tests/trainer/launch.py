@@ -1,0 +1,41 @@
+"""Run the real trainer through the real `deepspeed` launcher (or plain python / mpiexec)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def tiny_overrides(data: Path, run_dir: Path, **extra) -> list:
+    base = {"data.path": str(data), "model.vocab_size": 1024, "train.output_dir": str(run_dir),
+            "train.log_every": 1, "wandb.mode": "disabled", "eval.batches": 2}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def launch(nproc: int, overrides: list, ds_config: str = "ds_configs/zero2.json",
+           config: str = "configs/tiny.yaml", check: bool = True, timeout: int = 600,
+           env: dict = None) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           "trainer/main.py", "--ds_config", ds_config, "--config", config, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def per_step(run_dir: Path, key: str) -> dict:
+    return {row["step"]: row[key] for row in read_metrics(run_dir) if key in row}

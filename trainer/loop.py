@@ -19,6 +19,8 @@ from model import DiffusionTransformer
 from trainer.data import PackedLoader, check_vocab, fixed_eval_batches
 
 from . import checkpoint as ckpt
+from model.config import ConfigError
+
 from .config import RunConfig, save_config
 from .ds_config import load_ds_config, resolve_ds_config
 from .evaluate import evaluate
@@ -43,7 +45,9 @@ def setup_logging(rank: int) -> None:
 def preflight(cfg: RunConfig, ds_config_path: str) -> dict:
     """Everything checkable before processes talk to each other: fail fast, name the problem."""
     ds_raw = load_ds_config(ds_config_path)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))   # known before init under every launcher but MPI
+    if cfg.moe.router != "dense" and world % cfg.moe.ep_size:
+        raise ConfigError(f"moe.ep_size={cfg.moe.ep_size} must divide the world size {world}")
     resolve_ds_config(ds_raw, cfg, world, bf16=False, has_moe=cfg.moe.router != "dense", src=ds_config_path)
     for split in ("train", "val"):
         if not os.path.exists(os.path.join(cfg.data.path, split, "meta.json")):

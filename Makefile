@@ -28,8 +28,9 @@ $(VENV)/.installed: requirements.txt
 $(DATA)/meta.json: $(VENV)/.installed
 	$(PY) -m trainer.data prepare --out $(DATA)
 
+# The tiny preset on the embedded corpus, NPROC processes through DeepSpeed's launcher (gloo on CPU).
 train: setup
-	$(PY) -m trainer.launch --nproc $(NPROC) -- --ds_config $(DS_CONFIG) --config $(CONFIG) $(OVERRIDES)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) trainer/main.py --ds_config $(DS_CONFIG) --config $(CONFIG) $(OVERRIDES)
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -38,7 +38,8 @@ class ConsoleSink:
                                 ("perf/mfu", "mfu", ".1%")):
             if row.get(key) is not None:
                 parts.append(f"{label} {row[key]:{fmt}}")
-        parts.append(f"eta {_fmt_duration(eta)}")
+        if done > 0:   # no rate to extrapolate before the first step
+            parts.append(f"eta {_fmt_duration(eta)}")
         log.info(" | ".join(parts))
 
 

@@ -15,7 +15,8 @@ BIN = Path(sys.executable).parent
 
 def tiny_overrides(data: Path, run_dir: Path, **extra) -> list:
     base = {"data.path": str(data), "model.vocab_size": 1024, "train.output_dir": str(run_dir),
-            "train.log_every": 1, "wandb.mode": "disabled", "eval.batches": 2}
+            "train.log_every": 1, "wandb.mode": "disabled", "eval.batches": 2,
+            "train.global_batch_size": 16, "train.micro_batch_size": 8}   # tiny preset, smaller steps
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 

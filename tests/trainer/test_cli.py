@@ -44,7 +44,7 @@ def test_presets_validate(preset):
     (["moe.router=topk"], "moe.router='topk' must be one of"),
     (["moe.capacity.k_max=80"], "moe.capacity.k_max=80 exceeds moe.num_experts=16"),
     (["moe.capacity.k_max=4"], "expected k=2.500"),
-    (["train.global_batch_size=20"], "train.global_batch_size=20 must be a multiple of train.micro_batch_size=8"),
+    (["train.global_batch_size=20"], "train.global_batch_size=20 must be a multiple of train.micro_batch_size=16"),
     (["data.path=/nonexistent"], "run `python -m trainer.data prepare"),
     (["noequals"], "must look like key=value"),
 ])
@@ -59,8 +59,8 @@ def test_layout_errors_name_both_numbers(small_corpus):
     ok = [f"data.path={small_corpus}", "model.vocab_size=1024"]
     proc = run_main("--config", "configs/tiny.yaml", *ok, "moe.ep_size=4", env={"WORLD_SIZE": "2"})
     assert proc.returncode == 2 and "moe.ep_size=4 must divide the world size 2" in proc.stderr, proc.stderr
-    proc = run_main("--config", "configs/tiny.yaml", *ok, "train.global_batch_size=24", env={"WORLD_SIZE": "2"})
-    assert proc.returncode == 2 and "not divisible by train.micro_batch_size=8 x data-parallel size 2" in proc.stderr
+    proc = run_main("--config", "configs/tiny.yaml", *ok, "train.global_batch_size=48", env={"WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and "not divisible by train.micro_batch_size=16 x data-parallel size 2" in proc.stderr
     proc = run_main("--config", "configs/tiny.yaml", f"data.path={small_corpus}")
     assert proc.returncode == 2 and "vocab_size=1024" in proc.stderr and "model.vocab_size=4096" in proc.stderr
 
@@ -73,7 +73,7 @@ def test_ds_json_contradicting_yaml_and_zero3_with_moe(small_corpus, tmp_path):
     path.write_text(json.dumps(bad))
     proc = run_main("--ds_config", str(path), "--config", "configs/tiny.yaml", *ok)
     assert proc.returncode == 2
-    assert "train_micro_batch_size_per_gpu=4 contradicts train.micro_batch_size=8" in proc.stderr, proc.stderr
+    assert "train_micro_batch_size_per_gpu=4 contradicts train.micro_batch_size=16" in proc.stderr, proc.stderr
     zero3 = json.load(open(ROOT / "ds_configs/zero2.json"))
     zero3["zero_optimization"] = {"stage": 3}
     path.write_text(json.dumps(zero3))

@@ -12,7 +12,7 @@
 # times equals the target, so every schedule costs the same FLOPs as `static` (k_min = k_max = k).
 # SWEEP_K_MAX is only the starting value the config validation sees (k_min <= k_max <= experts).
 # Variables: SWEEP_NAME (default $SLURM_JOB_NAME-$SLURM_ARRAY_JOB_ID, stable across requeues),
-# SWEEP_K (default 8), SWEEP_K_MIN (default 1), SWEEP_K_MAX (default SWEEP_K), plus those of
+# SWEEP_K (default 20), SWEEP_K_MIN (default 8), SWEEP_K_MAX (default 32, as in owt_ec.yaml), plus those of
 # slurm/common.sh (CONFIG, DS_CONFIG, OVERRIDES, ...; RUN_NAME is set per schedule here).
 #SBATCH --job-name=ecdlm-capsweep
 #SBATCH --array=0-6
@@ -35,9 +35,9 @@ SCHEDULE=${SCHEDULES[$SLURM_ARRAY_TASK_ID]:-}
 [ -n "$SCHEDULE" ] || ecdlm_die "array task $SLURM_ARRAY_TASK_ID has no schedule (valid: 0-$(( ${#SCHEDULES[@]} - 1 )) = ${SCHEDULES[*]})"
 
 SWEEP_NAME=${SWEEP_NAME:-${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID}}
-SWEEP_K=${SWEEP_K:-8}
-SWEEP_K_MIN=${SWEEP_K_MIN:-1}
-SWEEP_K_MAX=${SWEEP_K_MAX:-$SWEEP_K}
+SWEEP_K=${SWEEP_K:-20}          # the paper: schedules FLOP-matched to static k=20
+SWEEP_K_MIN=${SWEEP_K_MIN:-8}
+SWEEP_K_MAX=${SWEEP_K_MAX:-32}
 if [ "$SCHEDULE" = static ]; then
   k_min=$SWEEP_K k_max=$SWEEP_K
 else

@@ -309,7 +309,7 @@ def _wait_array(cluster: SlurmCluster, job: int, n: int, timeout: float) -> list
 def test_capacity_sweep_array_overrides(slurm_cluster, tmp_path):
     fake = _write(tmp_path / "fake_report.py", FAKE_REPORT)
     env = _env(TRAIN_CMD=f"python {fake}", SWEEP_NAME="capsweep-test", SWEEP_K="4",
-               SWEEP_K_MIN="2", RUNS_DIR=str(tmp_path / "runs"))
+               SWEEP_K_MIN="2", SWEEP_K_MAX="4", RUNS_DIR=str(tmp_path / "runs"))
     job = slurm_cluster.sbatch(["--nodes=1", *CPU, f"--output={tmp_path}/sweep-%a.out",
                                 "slurm/capacity_sweep.sh"], env=env, cwd=REPO)
     tasks = _wait_array(slurm_cluster, job, len(SCHEDULES), timeout=180)
@@ -435,7 +435,7 @@ def _tiny_k() -> int:
 def test_real_capacity_sweep_one_task_per_schedule(slurm_cluster, tmp_path):
     k = _tiny_k()
     env = _env(**TINY, SWEEP_NAME="tiny-sweep", SWEEP_K=str(k), SWEEP_K_MIN="1",
-               RUNS_DIR=str(tmp_path / "runs"), OVERRIDES=f"train.max_steps=2 {TINY_OVERRIDES}")
+               SWEEP_K_MAX=str(k), RUNS_DIR=str(tmp_path / "runs"), OVERRIDES=f"train.max_steps=2 {TINY_OVERRIDES}")
     job = slurm_cluster.sbatch(["--nodes=1", *CPU, f"--output={tmp_path}/sweep-%a.out",
                                 "slurm/capacity_sweep.sh"], env=env, cwd=REPO)
     tasks = _wait_array(slurm_cluster, job, len(SCHEDULES), timeout=900)

@@ -84,7 +84,7 @@ class Block(nn.Module):
         self.attn_norm, self.ffn_norm = RMSNorm(d, cfg.model.norm_eps), RMSNorm(d, cfg.model.norm_eps)
         self.attn = Attention(cfg)
         self.is_moe = is_moe_layer(layer_idx, cfg.moe)
-        self.ffn = (MoELayer(d, cfg.moe, ep_group, layer_idx) if self.is_moe
+        self.ffn = (MoELayer(d, cfg.moe, ep_group, layer_idx, init_seed=None) if self.is_moe
                     else SwiGLU(d, dense_hidden(cfg.moe)))
 
     def forward(self, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL) -> BlockOutput:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..config import MoEConfig, shared_hidden
+from ..config import MoEConfig, shared_hidden, validate_moe
 from .capacity import TimestepCapacity, build_capacity
 from .dispatch import AllToAllDispatcher, LocalDispatcher
 from .experts import Experts, SwiGLU
@@ -49,10 +49,13 @@ class MoEOutput:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None, layer_idx: int = 0):
+    def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None, layer_idx: int = 0,
+                 init_seed: Optional[int] = 0):
+        """init_seed: seed for the expert weights (None: the enclosing model initializes them)."""
         super().__init__()
         if cfg.router == "dense":
             raise ValueError("MoELayer needs moe.router expert_choice or token_choice, not dense")
+        validate_moe(cfg)   # a drop-in layer validates its own config (fills capacity defaults)
         self.cfg, self.d_model, self.layer_idx = cfg, d_model, layer_idx
         E = cfg.num_experts
         ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -66,6 +69,8 @@ class MoELayer(nn.Module):
         self.capacity: TimestepCapacity = build_capacity(cfg)
         # aux-loss-free balancing (TC): selection-only bias, a buffer so checkpoints keep it
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
+        if init_seed is not None:
+            self.experts.init_weights(init_seed, layer_idx, std_in=0.02, std_out=0.02)
 
     def forward(self, x_BLD: torch.Tensor, mask_ratio_B: Optional[torch.Tensor] = None,
                 valid_BL: Optional[torch.Tensor] = None) -> MoEOutput:

@@ -97,3 +97,16 @@ def test_expert_parallel_equals_single_process(variant):
         for name, (got, ref) in res.items():
             assert got is not None, f"rank {rank}: no {name}"
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_drop_in_layer_validates_and_initializes_itself():
+    """Used outside our model: a raw MoEConfig gets its capacity defaults and the experts real weights."""
+    from model.config import CapacityConfig, ConfigError, MoEConfig
+    layer = MoELayer(32, MoEConfig(num_experts=8, expert_hidden=16, k=2,
+                                   capacity=CapacityConfig(schedule="linear_reverse", k_min=1, k_max=3)))
+    w = layer.experts.w_in_EDF
+    assert torch.isfinite(w).all() and 0.01 < float(w.std()) < 0.03
+    out = layer(torch.randn(2, 16, 32), torch.tensor([0.1, 0.9]))
+    assert out.hidden.shape == (2, 16, 32) and out.stats.mean_k > 0
+    with pytest.raises(ConfigError, match="moe.capacity.k_max=9 exceeds moe.num_experts=8"):
+        MoELayer(32, MoEConfig(num_experts=8, capacity=CapacityConfig(schedule="linear", k_min=1, k_max=9)))

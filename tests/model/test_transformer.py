@@ -93,3 +93,18 @@ def test_tiny_model_overfits_one_batch(router):
     final = sum(elbos[-10:]) / 10
     assert final < 0.1 * elbos[0], f"ELBO {elbos[0]:.3f} -> {final:.3f}"
     assert len(out.moe) == 2 and all(float(s.mean_k) > 0 for s in out.moe)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    tokens = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    u, token_u = torch.tensor([0.3, 0.6], dtype=torch.float64), torch.rand(2, 16, dtype=torch.float64)
+    grads = []
+    for ckpt in (False, True):
+        model = DiffusionTransformer(tiny(activation_checkpointing=ckpt), seed=5).train()
+        loss, _, _ = forward_loss(model, tokens, u, token_u)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

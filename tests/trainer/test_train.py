@@ -93,9 +93,14 @@ def test_wandb_offline_run_is_created_and_finishes(runs):
     assert "finish" in log.lower()
 
 
-def test_resume_is_exact(small_corpus, tmp_path):
-    """2N steps straight vs N steps, a restart, and N more: identical per-step losses."""
-    common = {"train.schedule_steps": 8, "train.eval_every": 100, "train.save_every": 100}
+@pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
+def test_resume_is_exact(small_corpus, tmp_path, router):
+    """2N steps straight vs N steps, a restart, and N more: identical per-step losses. The TC run
+    uses the aux-loss-free expert bias, which must come back from the checkpoint too."""
+    common = {"train.schedule_steps": 8, "train.eval_every": 100, "train.save_every": 100,
+              "moe.router": router}
+    if router == "token_choice":
+        common.update({"moe.bias_update_rate": 0.01, "moe.capacity_factor": 1.0})
     straight, split = tmp_path / "straight", tmp_path / "split"
     launch(2, tiny_overrides(small_corpus, straight, **{"train.max_steps": 8, **common}))
     launch(2, tiny_overrides(small_corpus, split, **{"train.max_steps": 4, **common}))
@@ -106,3 +111,6 @@ def test_resume_is_exact(small_corpus, tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6), step
     assert per_step(split, "train/lr") == per_step(straight, "train/lr")
+    if router == "token_choice":   # the bias moved, and was restored (else losses would differ)
+        bias = torch.load(split / "checkpoints" / "step_00000008" / "moe_buffers.pt")
+        assert any(float(b.abs().sum()) > 0 for b in bias.values())

@@ -12,9 +12,8 @@ from typing import Literal, Optional
 
 import yaml
 
-from model.config import (ConfigError, DiffusionConfig, ModelArchConfig, MoEConfig, from_dict,
+from model.config import (ConfigError, DiffusionConfig, ModelArchConfig, ModelConfig, MoEConfig, from_dict,
                           validate_diffusion, validate_model, validate_moe)
-from model.config import ModelConfig
 
 
 @dataclass

@@ -101,6 +101,8 @@ def test_resume_is_exact(small_corpus, tmp_path, router):
               "moe.router": router}
     if router == "token_choice":
         common.update({"moe.bias_update_rate": 0.01, "moe.capacity_factor": 1.0})
+    else:   # and W&B continues the same run after the restart
+        common["wandb.mode"] = "offline"
     straight, split = tmp_path / "straight", tmp_path / "split"
     launch(2, tiny_overrides(small_corpus, straight, **{"train.max_steps": 8, **common}))
     launch(2, tiny_overrides(small_corpus, split, **{"train.max_steps": 4, **common}))
@@ -111,6 +113,10 @@ def test_resume_is_exact(small_corpus, tmp_path, router):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6), step
     assert per_step(split, "train/lr") == per_step(straight, "train/lr")
+    if router == "expert_choice":
+        run_id = (split / "wandb_run_id").read_text().strip()
+        parts = glob.glob(str(split / "wandb" / "offline-run-*"))
+        assert len(parts) == 2 and all(p.endswith(run_id) for p in parts), parts
     if router == "token_choice":   # the bias moved, and was restored (else losses would differ)
         bias = torch.load(split / "checkpoints" / "step_00000008" / "moe_buffers.pt")
         assert any(float(b.abs().sum()) > 0 for b in bias.values())

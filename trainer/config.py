@@ -60,6 +60,8 @@ class EvalConfig:
     batch_size: int = 8
     num_ratio_points: int = 10                # fixed grid of mask ratios, one per bin centre
     seed: int = 0
+    # on-the-fly multiple choice: [{name, path (JSON lines), mode: single_mask|likelihood, every}]
+    tasks: list = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +120,9 @@ def validate_train(cfg: RunConfig) -> None:
         raise ConfigError("optim: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, 0 < decay_fraction <= 1")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if cfg.eval.tasks:
+        from .mc_eval import check_tasks
+        check_tasks(cfg.eval.tasks)
 
 
 # ---- YAML + overrides --------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from .config import RunConfig, save_config
 from .ds_config import load_ds_config, resolve_ds_config
 from .evaluate import evaluate
 from .flops import device_peak_tflops, train_flops
+from .inference import load_tokenizer
+from .mc_eval import evaluate_tasks
 from .metrics import build_metrics
 from .noise import global_batch_noise
 from .objective import DiffusionObjective
@@ -193,9 +195,16 @@ def train(s: Session) -> int:
     layer_ids = [layer.layer_idx for layer in s.model.moe_layers()]
     step, exit_code = s.start_step, 0
 
+    task_tokenizer = load_tokenizer(cfg.data.path) if cfg.eval.tasks else None
+
     def run_eval() -> None:
         row = evaluate(s.model, s.val_batches, cfg, s.rank, s.world, s.device)
         metrics.log({"step": step, "tokens": step * G * L, **row})
+
+    def run_tasks() -> None:   # collective: every rank calls it every step; no-op unless a task is due
+        row = evaluate_tasks(s.model, cfg.eval.tasks, task_tokenizer, step, s.rank, s.world)
+        if row:
+            metrics.log({"step": step, "tokens": step * G * L, **row})
 
     if step == 0:
         run_eval()   # the untrained baseline, so every run's curve starts at the same place
@@ -213,6 +222,8 @@ def train(s: Session) -> int:
                 stats.reset()
             if step % t.eval_every == 0 or step == t.max_steps:
                 run_eval()
+            if cfg.eval.tasks:
+                run_tasks()
             exit_code = watcher.agreed_exit_code()
             if exit_code or step % t.save_every == 0 or step == t.max_steps:
                 log.info("saved checkpoint %s", s.save(step))

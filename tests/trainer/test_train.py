@@ -1,5 +1,6 @@
 """The real trainer through the real DeepSpeed launcher, 1 or 2 processes on gloo (no mocks)."""
 import glob
+import json
 import os
 
 import pytest
@@ -13,9 +14,14 @@ def runs(small_corpus, tmp_path_factory):
     """Three short runs of the tiny EC preset on the same global batches: 1 process (ep=1) and
     2 processes with ep=2, 10 steps each; plus the 2-process ep=2 run under ZeRO-1."""
     base = tmp_path_factory.mktemp("runs")
+    task = base / "toy_task.jsonl"   # on-the-fly multiple choice, evaluated under ep=2 too
+    task.write_text("\n".join(json.dumps({"question": f"def f{i}(x): return", "choices": ["x", "y", "(", ")"],
+                                          "answer": i % 4}) for i in range(6)) + "\n")
+    tasks = f"[{{name: toy, path: {task}, mode: single_mask, every: 5}}]"
     out = {}
     for name, nproc, ds, extra in (("single", 1, "zero2", {}),
-                                   ("ep2", 2, "zero2", {"moe.ep_size": 2, "wandb.mode": "offline"}),
+                                   ("ep2", 2, "zero2", {"moe.ep_size": 2, "wandb.mode": "offline",
+                                                        "eval.tasks": tasks}),
                                    ("ep2_zero1", 2, "zero1", {"moe.ep_size": 2})):
         run_dir = base / name
         launch(nproc, tiny_overrides(small_corpus, run_dir, **{"train.max_steps": 10, "train.save_every": 5,
@@ -74,6 +80,7 @@ def test_metrics_jsonl_has_every_named_key(runs):
              "perf/data_wait_frac", "perf/max_mem_gb", "val/loss"]
     named += [f"train/loss_bin/{i:02d}" for i in range(10)] + [f"val/loss_bin/{i:02d}" for i in range(10)]
     named += [f"moe/{m}/layer{i:02d}" for m in ("drop_frac", "load_cv") for i in range(4)]
+    named += ["eval/toy/acc"]   # eval.tasks, every 5 steps
     missing = [k for k in named if k not in keys]
     assert not missing, missing
     train_rows = [r for r in rows if "train/loss" in r]

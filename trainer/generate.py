@@ -122,10 +122,10 @@ def guided_logits(model, x_BL, valid_BL, prompt_BL, maskable_BL, rows_BL, cfg_sc
     """[N, V] logits at the positions `rows_BL`, with classifier-free guidance when cfg_scale > 0."""
     mask_id = model.cfg.model.mask_id
     pad_valid = None if bool(valid_BL.all()) else valid_BL   # None keeps the fast unpadded path
-    r_B = mask_ratio(x_BL, maskable_BL, mask_id)
+    r_B = mask_ratio(x_BL, valid_BL, mask_id)
     if cfg_scale <= 0:
         return model(x_BL, r_B, pad_valid, logits_mask_BL=rows_BL).logits
-    # unconditional branch: the prompt is masked too, so every non-pad position is maskable
+    # unconditional branch: the prompt is masked too
     x_un = torch.where(prompt_BL, torch.full_like(x_BL, mask_id), x_BL)
     r_un = mask_ratio(x_un, valid_BL, mask_id)
     both_V = pad_valid if pad_valid is None else torch.cat([pad_valid, pad_valid])

@@ -3,7 +3,7 @@ turns a partly masked sequence into the mask ratio r the expert-choice capacity 
 
     model, cfg, tok = load_run("runs/tiny")          # newest complete checkpoint, eval mode
     ids = tok.encode("def f(x):")                    # no special tokens added
-    r_B = mask_ratio(x_BL, maskable_BL, mask_id)     # masked / maskable, per sequence
+    r_B = mask_ratio(x_BL, valid_BL, mask_id)     # masked / non-pad, per sequence, as in pretraining
 
 Legend: B batch, L length.
 """
@@ -18,15 +18,15 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def mask_ratio(x_BL: torch.Tensor, maskable_BL: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Fraction of the maskable (non-prompt, non-pad) positions that are currently masked.
+def mask_ratio(x_BL: torch.Tensor, valid_BL: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Fraction of the non-pad positions that are currently masked, prompt included.
 
-    The same definition `model.diffusion.mask_tokens` uses for the realized ratio when a prompt
-    is given, so an expert-choice model at inference gets the capacity it was trained with for a
-    sequence in that state. A row with nothing maskable gets r = 0.
+    This is r as pretraining sees it (no prompt there: every non-pad position can be masked), so an
+    expert-choice model gets the capacity it learned for a sequence with that much of it hidden.
+    A prompted sequence with one masked token has r = 1/L, not 1. A row of pads gets r = 0.
     """
-    masked = ((x_BL == mask_id) & maskable_BL).sum(1).to(torch.float32)
-    return masked / maskable_BL.sum(1).clamp_min(1).to(torch.float32)
+    masked = ((x_BL == mask_id) & valid_BL).sum(1).to(torch.float32)
+    return masked / valid_BL.sum(1).clamp_min(1).to(torch.float32)
 
 
 @dataclass

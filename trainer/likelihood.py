@@ -74,7 +74,7 @@ def masked_answer_nll(model, prompt: Sequence[int], answer: Sequence[int], amask
     x_SL = torch.cat([torch.as_tensor(list(prompt), dtype=torch.long, device=dev).expand(S, P),
                       torch.where(amask_SL, torch.full_like(amask_SL, m.mask_id, dtype=torch.long), ans_L)], 1)
     mask_SL = torch.cat([torch.zeros(S, P, dtype=torch.bool, device=dev), amask_SL], 1)
-    r_S = amask_SL.sum(1).to(torch.float32) / L      # masked / maskable: the answer is the maskable part
+    r_S = amask_SL.sum(1).to(torch.float32) / (P + L)   # masked / whole sequence, as in pretraining
     valid = None
     if pad_to is not None:
         x_SL, mask_SL, r_S, valid = pad_to_shape(x_SL, mask_SL, r_S, pad_to, m.pad_id)

@@ -133,7 +133,7 @@ def single_mask_predictions(model, tok, items: Sequence[MCItem], shape: Optional
     x_BL, valid_BL = x_BL.to(dev), valid_BL.to(dev)
     last_BL = torch.zeros_like(valid_BL)
     last_BL[:, -1] = True
-    r_B = torch.ones(len(prompts), device=dev)   # the one maskable position (the answer) is masked
+    r_B = 1.0 / valid_BL.sum(1).to(torch.float32)   # one masked position: r = 1/L, as in pretraining
     pad_valid = None if bool(valid_BL.all()) and shape is None else valid_BL
     logits_BV = model(x_BL, r_B, pad_valid, logits_mask_BL=last_BL).logits
     scores_BC = logits_BV[:len(items), labels.to(dev)].float().cpu()

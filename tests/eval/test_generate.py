@@ -91,7 +91,8 @@ def test_forward_gets_the_current_mask_ratio():
     cfg = tiny_config("dense", vocab=16)
     model = FixedLogits(peaked_table(12, 16, {}), cfg)
     generate(model, [[5, 6, 7, 8]], SampleConfig(8, 4))   # 2 tokens per step
-    assert [round(float(c["ratio"][0]), 4) for c in model.calls] == [1.0, 0.75, 0.5, 0.25]
+    # r is masked / whole sequence (prompt of 4 included), as pretraining defines it
+    assert [round(float(c["ratio"][0]), 4) for c in model.calls] == [round(x / 12, 4) for x in (8, 6, 4, 2)]
 
 
 def test_guidance_masks_the_prompt_in_the_unconditional_branch():
@@ -101,9 +102,9 @@ def test_guidance_masks_the_prompt_in_the_unconditional_branch():
     first = model.calls[0]
     assert first["tokens"].shape[0] == 2   # conditional and unconditional rows in one forward
     assert first["tokens"][0, :4].tolist() == [5, 6, 7, 8] and (first["tokens"][1] == MASK).all()
-    assert first["ratio"].tolist() == [1.0, 1.0]
-    second = model.calls[1]   # 2 of 8 generated committed: cond r = 6/8, uncond (prompt masked) r = 10/12
-    assert second["ratio"][0] == pytest.approx(0.75) and second["ratio"][1] == pytest.approx(10 / 12)
+    assert first["ratio"].tolist() == pytest.approx([8 / 12, 1.0])
+    second = model.calls[1]   # 2 of 8 generated committed: cond r = 6/12, uncond (prompt masked) r = 10/12
+    assert second["ratio"][0] == pytest.approx(0.5) and second["ratio"][1] == pytest.approx(10 / 12)
 
 
 def test_commit_counts_split_the_block_evenly():

@@ -22,7 +22,8 @@ def exact_negative_elbo(model, prompt, answer) -> float:
         for subset in subsets:
             x = torch.tensor([prompt + [mask_id if j in subset else a for j, a in enumerate(answer)]])
             with torch.no_grad():
-                logp = F.log_softmax(model(x, torch.tensor([k / L])).logits[0].double(), -1)
+                r = torch.tensor([k / (len(prompt) + L)])   # masked / whole sequence, as in pretraining
+                logp = F.log_softmax(model(x, r).logits[0].double(), -1)
             nll = -sum(float(logp[len(prompt) + j, answer[j]]) for j in subset)
             total += (L / k) * nll / len(subsets) / L
     return total
@@ -55,13 +56,13 @@ def test_counts_are_stratified_and_subsets_uniform():
     assert torch.allclose(m.float().mean(0), torch.full((4,), 0.5), atol=0.03)   # each position with prob k/L
 
 
-def test_prompt_is_never_masked_and_the_ratio_is_the_answer_s():
+def test_prompt_is_never_masked_and_the_ratio_is_over_the_whole_sequence():
     model = FixedLogits(torch.zeros(8, 12), tiny_config("dense", vocab=12))
     elbo_loglik(model, PROMPT, ANSWER + [4, 5], mc_num=16, batch_size=8)
     for call in model.calls:
         x, r = call["tokens"], call["ratio"]
         assert (x[:, :3] == torch.tensor(PROMPT)).all()
-        assert torch.equal(r, (x[:, 3:] == 3).sum(1).float() / 5)
+        assert torch.equal(r, (x[:, 3:] == 3).sum(1).float() / 8)   # 3 prompt + 5 answer positions
 
 
 def test_uniform_model_gives_l_log_v():

@@ -1,0 +1,160 @@
+"""Shared benchmark plumbing: device choice, interleaved timing, tables, JSON.
+
+Benchmarks measure and report; nothing here asserts on time (see DESIGN.md, "Performance method").
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """bf16 on a GPU when one is present, else fp32 on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device` (MemAvailable on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ForeignLoad:
+    """CPU time other processes used while a block ran, in cores (0 = we had the machine).
+
+    On a shared CPU box a neighbour's job stalls every OpenMP barrier of ours, and a 2-thread
+    matmul can slow down tenfold; this is how a benchmark notices. Linux only; 0 elsewhere.
+    """
+
+    def __init__(self):
+        self.cores = 0.0
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return 0.0
+        return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")   # user nice system irq softirq
+
+    def __enter__(self):
+        t = os.times()
+        self._start = (self._busy(), t.user + t.system, time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy0, own0, wall0 = self._start
+        t = os.times()
+        wall = max(time.perf_counter() - wall0, 1e-9)
+        self.cores = max(self._busy() - busy0 - (t.user + t.system - own0), 0.0) / wall
+
+
+def wait_for_idle(max_wait_s: float, threshold_cores: float = 0.1) -> float:
+    """Sleep until other processes use under `threshold_cores` for a 2 s window; returns seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait_s:
+        with ForeignLoad() as load:
+            time.sleep(2.0)
+        if load.cores < threshold_cores:
+            break
+    return time.perf_counter() - t0
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeat: int, device: torch.device,
+                     max_foreign_cores: float = 0.25, max_rounds: Optional[int] = None):
+    """Seconds per call of every step, from `repeat` rounds, after `warmup` untimed rounds.
+
+    A round runs every step once, in an order rotated by one per round, so slow drift of the
+    machine and position effects land on every step alike. On the CPU a round during which other
+    processes used more than `max_foreign_cores` is discarded and run again (at most `max_rounds`
+    rounds in all, default 3 * repeat; then the contaminated rounds are kept, and flagged).
+    Returns (times per step, foreign load of each kept round, number of discarded rounds).
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for n in names:
+            steps[n]()
+    max_rounds = max_rounds or 3 * repeat
+    kept: list[tuple[dict, float]] = []
+    spoiled: list[tuple[dict, float]] = []
+    r = 0
+    while len(kept) < repeat and r < max_rounds:
+        times = {}
+        with ForeignLoad() as load:
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                sync(device)
+                t0 = time.perf_counter()
+                steps[n]()
+                sync(device)
+                times[n] = time.perf_counter() - t0
+        r += 1
+        clean = device.type == "cuda" or load.cores <= max_foreign_cores
+        (kept if clean else spoiled).append((times, load.cores))
+    if len(kept) < repeat:   # the machine never went quiet: keep the least-loaded spoiled rounds
+        spoiled.sort(key=lambda t: t[1])
+        missing = repeat - len(kept)
+        kept, spoiled = kept + spoiled[:missing], spoiled[missing:]
+    discarded = len(spoiled)
+    return ({n: [t[n] for t, _ in kept] for n in names}, [c for _, c in kept], discarded)
+
+
+def median_ms(seconds: Sequence[float]) -> float:
+    return statistics.median(seconds) * 1e3
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec); a missing key prints '-'."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([format(row[k], f) if row.get(k) is not None else "-" for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    # allocator and threading settings change CPU timings a lot (see benchmarks/README.md)
+    info["env"] = {k: v for k, v in os.environ.items()
+                   if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_")) or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
+    return info
+
+
+def write_json(path: str, meta: dict, rows: list[dict]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

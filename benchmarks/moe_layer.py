@@ -1,0 +1,206 @@
+"""Forward+backward time of one MoE layer, against DeepSpeed's MoE and against the dense floor.
+
+    python benchmarks/moe_layer.py [--batch 8 32] [--warmup 2] [--repeat 5] [--json out.json]
+
+Implementations, all timed in one process, interleaved round by round:
+    ec           our MoELayer, expert choice, static k (capacity C = L k / E per sequence)
+    tc_cf1       our MoELayer, token choice top-k, capacity factor 1.0 (padded slots computed)
+    tc_dropless  our MoELayer, token choice top-k, no capacity (grouped matmul over ragged rows)
+    deepspeed    deepspeed.moe.layer.MoE (TopKGate, same k, capacity factor 1.0, no RTS) with the
+                 same SwiGLU experts
+    dense        one SwiGLU of width k * h_e on the same tokens: the FLOP floor
+
+FLOPs are counted from the capacity actually used: the slots each layer computes (EC: E*C;
+TC with capacity: E*C padded slots; dropless: the T*k rows), 6*D*h_e per slot forward and
+twice that backward, plus the router. DeepSpeed's one-hot dispatch/combine einsums are
+reported separately (`overhead_gflop`): they are work, but not work an MoE layer needs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):   # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from benchmarks.common import (available_memory, format_table, free_port, machine_info, median_ms,
+                               pick_device, time_interleaved, wait_for_idle, write_json)
+from model import ModelConfig, from_dict
+from model.moe import MoELayer, SwiGLU
+from model.moe.experts import swiglu
+
+IMPLS = ("ec", "tc_cf1", "tc_dropless", "deepspeed", "dense")
+
+
+class SwiGLUExpert(nn.Module):
+    """One expert for DeepSpeed's MoE: the same SwiGLU as ours, w_in [D, 2H], w_out [H, D], no biases."""
+
+    def __init__(self, d_model: int, hidden: int, std: float = 0.02):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(d_model, 2 * hidden) * std)
+        self.w_out = nn.Parameter(torch.randn(hidden, d_model) * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x @ self.w_in) @ self.w_out
+
+
+def our_layer(args, router: str, capacity_factor=None) -> MoELayer:
+    moe = {"router": router, "num_experts": args.experts, "expert_hidden": args.hidden, "k": args.k,
+           "capacity_factor": capacity_factor}
+    layer = MoELayer(args.d_model, from_dict(ModelConfig, {"moe": moe}).moe)
+    layer.experts.init_weights(seed=0, layer=0, std_in=0.02, std_out=0.02)
+    return layer
+
+
+def deepspeed_layer(args):
+    """DeepSpeed's MoE needs its expert-parallel groups even in one process: a 1-rank gloo world."""
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    # TopKGate documents k in {1, 2}, but 0.19 sends any k > 2 to `topkgating`, which supports it
+    moe = MoE(args.d_model, SwiGLUExpert(args.d_model, args.hidden), num_experts=args.experts, ep_size=1,
+              k=args.k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, drop_tokens=True,
+              use_rts=False)
+    moe.set_deepspeed_parallelism()
+    return moe
+
+
+def deepspeed_chunks(args, batch: int, device) -> int:
+    """Micro-batches DeepSpeed's layer must be split into to fit: its gate builds [S, E, C]
+    one-hot tensors (int64 one_hot, float copies, combine weights and their gradient: about
+    40 bytes per element), which for S = 16k tokens is ~90 GB."""
+    chunks = 1
+    while batch % (2 * chunks) == 0:
+        S = batch // chunks * args.seq
+        C = -(-S * args.k // args.experts)
+        if 40 * S * args.experts * C < 0.5 * available_memory(device):
+            break
+        chunks *= 2
+    return chunks
+
+
+def make_step(model, kind: str, x, g, chunks: int = 1):
+    """One forward+backward with a fixed upstream gradient; grads reset as zero_grad(set_to_none)."""
+    params = list(model.parameters())
+
+    def step():
+        for p in params + [x]:
+            p.grad = None
+        for xc, gc in zip(x.detach().chunk(chunks), g.chunk(chunks)):
+            xc = xc.requires_grad_() if chunks > 1 else x
+            if kind == "ours":
+                out = model(xc)
+                torch.autograd.backward([out.hidden, out.loss], [gc, torch.ones_like(out.loss)])
+            elif kind == "deepspeed":
+                hidden, l_aux, _ = model(xc)
+                torch.autograd.backward([hidden, l_aux], [gc, torch.ones_like(l_aux)])
+            else:
+                model(xc).backward(gc)
+    return step
+
+
+@torch.no_grad()
+def slots_computed(model, kind: str, x) -> int:
+    """(token, expert) rows the experts actually multiply, padding included."""
+    if kind == "deepspeed":
+        _, combine_SEC, _, _ = model.deepspeed_moe.gate(x.reshape(-1, x.shape[-1]).float())
+        return combine_SEC.shape[1] * combine_SEC.shape[2]
+    logits = torch.nn.functional.linear(x.float(), model.router.weight.float())
+    routing, _ = model.route(logits, None, None)
+    return routing.token_idx.numel()
+
+
+def run_batch(args, batch: int, device, dtype) -> list[dict]:
+    D, H, E, k = args.d_model, args.hidden, args.experts, args.k
+    T = batch * args.seq
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, args.seq, D, generator=gen).to(device, dtype).requires_grad_()
+    g = torch.randn(batch, args.seq, D, generator=gen).to(device, dtype)
+    builders = {
+        "ec": lambda: (our_layer(args, "expert_choice"), "ours"),
+        "tc_cf1": lambda: (our_layer(args, "token_choice", 1.0), "ours"),
+        "tc_dropless": lambda: (our_layer(args, "token_choice", None), "ours"),
+        "deepspeed": lambda: (deepspeed_layer(args), "deepspeed"),
+        "dense": lambda: (SwiGLU(D, k * H), "dense"),
+    }
+    steps, info = {}, {}
+    for name in args.impls:
+        torch.manual_seed(0)
+        model, kind = builders[name]()
+        model = model.to(device, dtype)
+        chunks = deepspeed_chunks(args, batch, device) if kind == "deepspeed" else 1
+        steps[name] = make_step(model, kind, x, g, chunks)
+        slots = T * k if kind == "dense" else slots_computed(model, kind, x[: batch // chunks]) * chunks
+        router = 0 if kind == "dense" else 2 * T * D * E
+        info[name] = {"slots": slots, "chunks": chunks,
+                      "gflop": 3 * (6 * D * H * slots + router) / 1e9,   # backward = 2x forward
+                      # DeepSpeed's one-hot einsums: dispatch and combine forward, dispatch's input
+                      # grad and both combine grads backward, 2*S*E*C*D each
+                      "overhead_gflop": 5 * 2 * slots * T * D / 1e9 if kind == "deepspeed" else 0.0}
+
+    times, loads, discarded = time_interleaved(steps, args.warmup, args.repeat, device)
+    rows = []
+    for name in args.impls:
+        ms = median_ms(times[name])
+        rows.append({"impl": name, "batch": batch, "ms": ms, "min_ms": min(times[name]) * 1e3,
+                     "times_ms": [t * 1e3 for t in times[name]], **info[name],
+                     "gflop_per_s": info[name]["gflop"] / ms * 1e3,
+                     "foreign_cores_max": max(loads), "rounds_discarded": discarded})
+    ref = {r["impl"]: r["ms"] for r in rows}
+    for r in rows:
+        r["ratio_to_dense"] = r["ms"] / ref["dense"] if "dense" in ref else None
+        r["ratio_to_deepspeed"] = r["ms"] / ref["deepspeed"] if "deepspeed" in ref else None
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=256, help="expert hidden width h_e")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="first wait up to S seconds for other processes to leave the CPU")
+    p.add_argument("--json", help="write rows {impl, batch, ms, ratio_to_dense, ...} here")
+    args = p.parse_args(argv)
+
+    device, dtype = pick_device()
+    waited = wait_for_idle(args.wait_idle) if args.wait_idle > 0 and device.type == "cpu" else 0.0
+    meta = {**machine_info(device, dtype), "waited_for_idle_s": round(waited, 1),
+            **{k: getattr(args, k) for k in ("seq", "d_model", "experts", "k", "hidden", "warmup", "repeat")}}
+    print(f"MoE layer fwd+bwd: L={args.seq} D={args.d_model} E={args.experts} k={args.k} h_e={args.hidden} "
+          f"on {device.type} {meta['dtype']}, {meta['threads']} threads; median of {args.repeat} after "
+          f"{args.warmup} warm-up rounds")
+    rows = []
+    for batch in args.batch:
+        rows += run_batch(args, batch, device, dtype)
+    columns = [("impl", "impl", "s"), ("batch", "B", "d"), ("ms", "ms", ".1f"), ("min_ms", "min", ".1f"),
+               ("ratio_to_dense", "/dense", ".2f"), ("ratio_to_deepspeed", "/deepspeed", ".3f"),
+               ("slots", "slots", "d"), ("gflop", "GFLOP", ".1f"), ("gflop_per_s", "GFLOP/s", ".1f"),
+               ("chunks", "chunks", "d")]
+    print(format_table(rows, columns))
+    noisy = [r for r in rows if r["rounds_discarded"] or r["foreign_cores_max"] > 0.25]
+    if noisy:
+        print(f"note: other processes used the CPU during this run (max {max(r['foreign_cores_max'] for r in rows):.2f} "
+              f"cores in a kept round; {max(r['rounds_discarded'] for r in rows)} rounds discarded)")
+    if any(r["chunks"] > 1 for r in rows):
+        print("chunks > 1: DeepSpeed ran as that many micro-batches (its [S, E, C] one-hot tensors do not fit)")
+    if args.json:
+        write_json(args.json, meta, rows)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

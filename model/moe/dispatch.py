@@ -1,8 +1,12 @@
 """All communication of an MoE layer, behind one dispatch() / combine() interface.
 
     dispatch: gather each expert's tokens (x_TD -> per-expert rows) and, under expert
-              parallelism, all-to-all them to the rank that holds the expert;
+              parallelism, all-to-all them (and their gates) to the rank that holds the expert;
     combine:  the reverse all-to-all, then gate-weighted scatter-add back to token order.
+
+The gate travels with its row in `ExpertBatch.gate`. MoELayer's experts apply it to their hidden
+activation ([.., H] wide rather than [.., D]: half the memory traffic) and clear it; combine()
+applies whatever gate is still pending, so a caller that ignores gates gets the same result.
 
 `LocalDispatcher` is the one-process case. `AllToAllDispatcher` takes its process group as an
 argument (no globals), so it can be tested on gloo with two processes.
@@ -27,30 +31,41 @@ class ExpertBatch:
     x: torch.Tensor
     counts: Optional[torch.Tensor] = None
     ctx: Any = None   # what combine() needs to undo dispatch()
+    gate: Optional[torch.Tensor] = None   # [El, C] or [N]: gates not yet applied to the rows
 
 
 def gather_tokens(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Rows of x for every slot: [E, C, D] (fixed) or [N, D] (ragged)."""
+    """Rows of x for every slot: [E, C, D] (fixed) or [N, D] (ragged).
+
+    index_select's backward is an index_add_ into zeros, which on the CPU runs as a parallel
+    scatter-add over rows: no need for a hand-written backward."""
     rows = x_TD.index_select(0, routing.token_idx.reshape(-1))
     return rows.view(*routing.token_idx.shape, x_TD.shape[-1])
 
 
-def scatter_tokens(y: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
-    """out_TD[t] = sum over slots s of token t of gate_s * y_s (padding slots have gate 0)."""
-    D = y.shape[-1]
-    weighted = (y.reshape(-1, D) * routing.gate.reshape(-1, 1).to(y.dtype))
-    out = y.new_zeros(num_tokens, D)
-    return out.index_add(0, routing.token_idx.reshape(-1), weighted)
+def scatter_tokens(rows: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
+    """out_TD[t] = sum of the (already gate-weighted) rows of token t's slots; padding slots
+    point at token 0 and carry zero rows (gate 0)."""
+    D = rows.shape[-1]
+    out = rows.new_zeros(num_tokens, D)
+    return out.index_add_(0, routing.token_idx.reshape(-1), rows.reshape(-1, D))
+
+
+def gated_rows(y: ExpertBatch) -> torch.Tensor:
+    """y.x times the gates that are still pending (none after MoELayer's experts)."""
+    if y.gate is None:
+        return y.x
+    return y.x * y.gate.to(y.x.dtype).unsqueeze(-1)
 
 
 class LocalDispatcher:
     """All experts on this process: dispatch is a gather, combine a weighted scatter-add."""
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> ExpertBatch:
-        return ExpertBatch(gather_tokens(x_TD, routing), routing.counts)
+        return ExpertBatch(gather_tokens(x_TD, routing), routing.counts, gate=routing.gate)
 
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
-        return scatter_tokens(y.x, routing, routing.num_tokens)
+        return scatter_tokens(gated_rows(y), routing, routing.num_tokens)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -99,21 +114,26 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> ExpertBatch:
         if not routing.fixed:
             return self._dispatch_ragged(x_TD, routing)
-        El, D = self.num_local, x_TD.shape[-1]
         x_ECD = gather_tokens(x_TD, routing)                               # [E, C, D]
         C = x_ECD.shape[1]
         caps = self._capacities(C, routing.capacity_static, x_TD.device)
-        recv = all_to_all(x_ECD.reshape(-1, D), [El * c for c in caps], [El * C] * self.ep, self.group)
-        # recv holds, per source rank p, [El, C_p, D]; each local expert takes all sources' rows
+        x_local = self._to_experts(x_ECD, C, caps)                         # [El, sum C_p, D]
+        return ExpertBatch(x_local, ctx=(C, caps), gate=self._to_experts(routing.gate, C, caps))
+
+    def _to_experts(self, t_EC: torch.Tensor, C: int, caps: list) -> torch.Tensor:
+        """[E, C, ...] slots of this rank -> [El, sum_p C_p, ...] slots of this rank's experts."""
+        El, tail = self.num_local, tuple(t_EC.shape[2:])
+        recv = all_to_all(t_EC.reshape(-1, *tail), [El * c for c in caps], [El * C] * self.ep, self.group)
+        # recv holds, per source rank p, [El, C_p, ...]; each local expert takes all sources' rows
         parts = torch.split(recv, [El * c for c in caps])
-        x_local = torch.cat([p.view(El, c, D) for p, c in zip(parts, caps)], dim=1)   # [El, sum C_p, D]
-        return ExpertBatch(x_local, ctx=(C, caps))
+        return torch.cat([p.view(El, c, *tail) for p, c in zip(parts, caps)], dim=1)
 
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         if not routing.fixed:
             return self._combine_ragged(y, routing)
         (C, caps), (El, _, D) = y.ctx, y.x.shape
-        back = torch.cat([part.reshape(-1, D) for part in torch.split(y.x, caps, dim=1)])
+        rows = gated_rows(y)
+        back = torch.cat([part.reshape(-1, D) for part in torch.split(rows, caps, dim=1)])
         y_ECD = all_to_all(back, [El * C] * self.ep, [El * c for c in caps], self.group)
         return scatter_tokens(y_ECD.view(-1, C, D), routing, routing.num_tokens)
 
@@ -127,13 +147,15 @@ class AllToAllDispatcher:
         recv_counts_pe = counts_recv.view(ep, El)
         recv = recv_counts_pe.sum(1).tolist()
         rows = all_to_all(x_ND, recv, send, self.group)          # grouped by (source, local expert)
+        gates = all_to_all(routing.gate, recv, send, self.group)
         expert_of_row = torch.repeat_interleave(torch.arange(El, device=rows.device).repeat(ep),
                                                 recv_counts_pe.reshape(-1))
         perm = torch.argsort(expert_of_row, stable=True)         # regroup by local expert
-        return ExpertBatch(rows[perm], recv_counts_pe.sum(0), ctx=(send, recv, perm))
+        return ExpertBatch(rows[perm], recv_counts_pe.sum(0), ctx=(send, recv, perm), gate=gates[perm])
 
     def _combine_ragged(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         send, recv, perm = y.ctx
-        rows = torch.empty_like(y.x).index_copy(0, perm, y.x)    # undo the regrouping
+        rows = gated_rows(y)
+        rows = torch.empty_like(rows).index_copy(0, perm, rows)  # undo the regrouping
         y_ND = all_to_all(rows, send, recv, self.group)
         return scatter_tokens(y_ND, routing, routing.num_tokens)

@@ -79,10 +79,7 @@ class MoELayer(nn.Module):
         # the router runs in fp32 even under bf16: top-c selection is sensitive to rounding
         logits_BLE = torch.nn.functional.linear(at_least_fp32(x_BLD), at_least_fp32(self.router.weight))
         routing, aux = self.route(logits_BLE, mask_ratio_B, valid_BL)
-        batch = self.dispatcher.dispatch(x_TD, routing)
-        batch.x = (self.experts.forward_fixed(batch.x) if routing.fixed
-                   else self.experts.forward_ragged(batch.x, batch.counts))
-        out_TD = self.dispatcher.combine(batch, routing)
+        out_TD = self.routed_experts(x_TD, routing)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
@@ -94,6 +91,17 @@ class MoELayer(nn.Module):
                          tokens_per_expert=routing.tokens_per_expert.detach(),
                          assignments=assignments.detach(), z_loss=zl.detach(), aux_loss=aux.detach())
         return MoEOutput(out_TD.view(B, L, D), loss, stats)
+
+    def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """dispatch -> experts -> combine. The experts apply the gates in their hidden layer
+        (half the width of their output); one process with fixed capacity takes the fused path."""
+        if routing.fixed and isinstance(self.dispatcher, LocalDispatcher):
+            return self.experts.forward_local(x_TD, routing.token_idx, routing.gate)
+        batch = self.dispatcher.dispatch(x_TD, routing)
+        batch.x = (self.experts.forward_fixed(batch.x, batch.gate) if routing.fixed
+                   else self.experts.forward_ragged(batch.x, batch.counts, batch.gate))
+        batch.gate = None   # applied: combine() must not apply it again
+        return self.dispatcher.combine(batch, routing)
 
     def route(self, logits_BLE: torch.Tensor, mask_ratio_B: Optional[torch.Tensor],
               valid_BL: Optional[torch.Tensor]) -> tuple[Routing, torch.Tensor]:

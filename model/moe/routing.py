@@ -139,15 +139,20 @@ def sparse_softmax_gates(scores_TE: torch.Tensor, idx_EC: torch.Tensor,
                          gate_scaling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate of token i for a picking expert j = softmax of S_i over the experts that picked i.
 
+    Computed on the E*C picked scores alone (per-token max by scatter_reduce, per-token sum by
+    index_add), not on a dense [T, E] mask: E*C = T*k entries instead of T*E, forward and backward.
     Returns gates [E, C] and the number of experts that picked each token [T].
     """
     T, E = scores_TE.shape
-    e_EC = torch.arange(E, device=idx_EC.device)[:, None].expand_as(idx_EC)
-    picked_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
-    picked_TE[idx_EC, e_EC] = True
-    lse_T = torch.logsumexp(scores_TE.masked_fill(~picked_TE, float("-inf")), dim=-1)   # -inf if unpicked
-    gate_EC = torch.exp(scores_TE[idx_EC, e_EC] - lse_T[idx_EC])
-    n_T = picked_TE.sum(-1)
+    tok = idx_EC.reshape(-1)
+    expert = torch.arange(E, device=tok.device).repeat_interleave(idx_EC.shape[1])
+    s = scores_TE.reshape(-1)[tok * E + expert]                     # picked scores, flat [E*C]
+    # softmax is shift-invariant: the per-token max only keeps exp() finite, so it needs no gradient
+    max_T = s.new_full((T,), float("-inf")).scatter_reduce_(0, tok, s.detach(), "amax")
+    ex = torch.exp(s - max_T[tok])
+    sum_T = ex.new_zeros(T).index_add_(0, tok, ex)
+    gate_EC = (ex / sum_T[tok]).view_as(idx_EC)
+    n_T = torch.bincount(tok, minlength=T)
     if gate_scaling:
         gate_EC = gate_EC * gate_scale_table(E, device=gate_EC.device)[n_T[idx_EC]]
     return gate_EC, n_T

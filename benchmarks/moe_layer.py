@@ -142,8 +142,8 @@ def run_batch(args, batch: int, device, dtype) -> list[dict]:
         info[name] = {"slots": slots, "chunks": chunks,
                       "gflop": 3 * (6 * D * H * slots + router) / 1e9,   # backward = 2x forward
                       # DeepSpeed's one-hot einsums: dispatch and combine forward, dispatch's input
-                      # grad and both combine grads backward, 2*S*E*C*D each
-                      "overhead_gflop": 5 * 2 * slots * T * D / 1e9 if kind == "deepspeed" else 0.0}
+                      # grad and both combine grads backward, 2*S*E*C*D each per micro-batch
+                      "overhead_gflop": 5 * 2 * slots * T * D / chunks / 1e9 if kind == "deepspeed" else 0.0}
 
     times, loads, discarded = time_interleaved(steps, args.warmup, args.repeat, device)
     rows = []

@@ -161,7 +161,7 @@ def train_step(s: Session, step: int, stats: StepStats, update_bias: bool, cdev)
     u_G, token_u_GL = global_batch_noise(t.seed, step, t.global_batch_size, t.seq_len,
                                          s.cfg.diffusion.low_discrepancy)
     layers = s.model.moe_layers()
-    step_load = torch.zeros(len(layers), s.cfg.moe.num_experts, dtype=torch.float64)
+    step_load = torch.zeros(len(layers), s.cfg.moe.num_experts, dtype=torch.float64, device=s.device)
     for _ in range(s.loader.grad_accum_steps):
         mb = s.loader.next_micro_batch()
         idx = mb.global_offsets
@@ -170,7 +170,7 @@ def train_step(s: Session, step: int, stats: StepStats, update_bias: bool, cdev)
         s.engine.step()   # DeepSpeed steps the optimizer only at the accumulation boundary
         stats.add_micro(rec, out)
         if update_bias:
-            step_load += torch.stack([st.tokens_per_expert.double().cpu() for st in out.moe])
+            step_load += torch.stack([st.tokens_per_expert.double() for st in out.moe])   # no host sync
     if update_bias:   # once per optimizer step, with the global load, identically on every rank
         step_load = step_load.to(cdev)
         dist.all_reduce(step_load)

@@ -17,30 +17,38 @@ class StepStats:
         self.reset()
 
     def reset(self) -> None:
-        self.scalars = torch.zeros(7, dtype=torch.float64)   # see add()
-        self.drop = torch.zeros(self.L, dtype=torch.float64)
-        self.load = torch.zeros(self.L, self.E, dtype=torch.float64)
-        self.bin_num = torch.zeros(NUM_BINS, dtype=torch.float64)
-        self.bin_cnt = torch.zeros(NUM_BINS, dtype=torch.float64)
+        # allocated on the first micro-batch's device: adding there needs no host sync
+        self.scalars = self.drop = self.load = self.bin_num = self.bin_cnt = None
         self.steps, self.step_seconds, self.wait_seconds, self.grad_norms = 0, 0.0, 0.0, []
 
+    def _zeros(self, device) -> None:
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)   # noqa: E731
+        self.scalars, self.drop, self.load = z(7), z(self.L), z(self.L, self.E)
+        self.bin_num, self.bin_cnt = z(NUM_BINS), z(NUM_BINS)
+
     def add_micro(self, rec, out) -> None:
-        """One micro-batch's loss record and model output (tensors, detached here)."""
+        """One micro-batch's loss record and model output. Everything stays a tensor on the
+        model's device: no .item() or .cpu() here, so on a GPU the host never waits for the
+        micro-batch to finish (one sync per log window, in reduce())."""
+        loss = rec.loss.detach()
+        if self.scalars is None:
+            self._zeros(loss.device)
         moe = out.moe
-        mean = (lambda xs: float(sum(float(x) for x in xs) / len(xs))) if moe else (lambda xs: 0.0)
-        self.scalars += torch.tensor([
-            float(rec.loss.detach()), 1.0,                                    # loss sum, micro count
+        as64 = lambda t: t.detach().to(torch.float64)                            # noqa: E731
+        mean = (lambda xs: torch.stack([as64(x) for x in xs]).mean()) if moe else (lambda xs: as64(loss) * 0)
+        self.scalars += torch.stack([
+            as64(loss), torch.ones_like(as64(loss)),                           # loss sum, micro count
             mean([s.z_loss for s in moe]), mean([s.aux_loss for s in moe]),   # per-layer means
             mean([s.mean_k for s in moe]),
-            float(rec.mask_BL.sum()),                                          # masked tokens
-            float(sum(float(s.assignments) for s in moe)),                    # routed assignments
-        ], dtype=torch.float64)
-        for i, s in enumerate(moe):
-            self.drop[i] += float(s.drop_frac)
-            self.load[i] += s.tokens_per_expert.detach().double().cpu()
+            as64(rec.mask_BL.sum()),                                           # masked tokens
+            torch.stack([as64(s.assignments) for s in moe]).sum() if moe else as64(loss) * 0,
+        ])
+        if moe:
+            self.drop += torch.stack([as64(s.drop_frac) for s in moe])
+            self.load += torch.stack([as64(s.tokens_per_expert) for s in moe])
         num, cnt = loss_by_ratio_bin(rec, NUM_BINS)
-        self.bin_num += num.cpu()
-        self.bin_cnt += cnt.cpu()
+        self.bin_num += num
+        self.bin_cnt += cnt
 
     def add_step(self, seconds: float, wait_seconds: float, grad_norm) -> None:
         self.steps += 1
@@ -51,6 +59,8 @@ class StepStats:
 
     def reduce(self, device) -> dict:
         """Collective: sums every rank's window; returns plain floats (same on all ranks)."""
+        if self.scalars is None:
+            self._zeros(device)
         packed = torch.cat([self.scalars, self.drop, self.load.flatten(), self.bin_num, self.bin_cnt])
         times = torch.tensor([self.step_seconds / max(self.steps, 1)], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,11 +1,12 @@
 """End-to-end training throughput of EC vs TC vs dense, through the real trainer on 2 processes.
 
-    python benchmarks/train_throughput.py [--preset ffn] [--steps 30] [--warmup 10] [--window 5]
-        [--impls ec ec_dynamic tc_cf1 tc_dropless dense] [--rounds 1] [--json out.json]
+    python benchmarks/train_throughput.py [--preset ffn|fine|tiny] [--ep 2] [--steps 30] [--warmup 10]
+        [--window 5] [--impls ec ec_dynamic tc_cf1 tc_dropless dense] [--rounds 1] [--json out.json]
     python benchmarks/train_throughput.py --profile [--preset ffn]     # one process, no launcher
 
 Each implementation is one `deepspeed --num_gpus N trainer/main.py` run (gloo on the CPU, ZeRO-2,
-fp32) of the same preset, data and diffusion noise, for `warmup + steps` optimizer steps:
+fp32, moe.ep_size = N by default: each rank holds 1/N of the experts) of the same preset, data
+and diffusion noise, for `warmup + steps` optimizer steps:
 
     ec           expert choice, static capacity schedule at k = moe.k (C = L k / E per sequence):
                  the same expected k as TC, so the FLOPs match exactly
@@ -55,11 +56,17 @@ IMPLS = ("ec", "ec_dynamic", "tc_cf1", "tc_dropless", "dense")
 DEFAULT_IMPLS = ("ec", "tc_cf1", "tc_dropless", "dense", "ec_dynamic")
 
 # Overrides on top of configs/tiny.yaml. `tiny` is the preset itself. `ffn` widens the model so
-# the FFN (the part EC, TC and dense differ in) is a real share of the step; see README.
+# the FFN (the part EC, TC and dense differ in) is a real share of the step. `fine` has the
+# reference setup's fine-grained experts (owt_ec.yaml: 512 experts of width 0.75 d, k=20, 2
+# shared, routed width 15 d) scaled to a CPU: 64 experts of width 0.5 d, k=8, 2 shared, so the
+# routed FFN (4 d wide) is most of the step; see README.
 PRESETS = {
     "tiny": [],
     "ffn": ["model.d_model=256", "moe.expert_hidden=256",
             "train.global_batch_size=32", "train.micro_batch_size=16", "train.seq_len=128"],
+    "fine": ["model.d_model=256", "moe.num_experts=64", "moe.expert_hidden=128", "moe.k=8",
+             "moe.num_shared_experts=2", "moe.capacity.k_min=4", "moe.capacity.k_max=12",
+             "train.global_batch_size=32", "train.micro_batch_size=16", "train.seq_len=128"],
 }
 
 
@@ -96,6 +103,12 @@ def in_code(args, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(args.code_dir, path)
 
 
+def allocator_env() -> dict:
+    """Environment that changes CPU speed a lot (glibc's malloc thresholds, preloaded allocators)."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(("MALLOC_", "LD_PRELOAD", "THP_", "OMP_", "MKL_", "KMP_"))}
+
+
 def impl_overrides(impl: str, cfg) -> list:
     """The dotted overrides that turn the preset into implementation `impl`."""
     e = cfg.moe
@@ -115,7 +128,8 @@ def impl_overrides(impl: str, cfg) -> list:
 
 def common_overrides(args, run_dir: str) -> list:
     total = args.warmup + args.steps
-    return [*PRESETS[args.preset], f"data.path={ROOT / args.data}", f"train.output_dir={run_dir}",
+    return [*PRESETS[args.preset], f"moe.ep_size={args.ep}", f"data.path={ROOT / args.data}",
+            f"train.output_dir={run_dir}",
             f"train.max_steps={total}", f"train.log_every={args.window}", f"train.eval_every={total}",
             f"train.save_every={total}", "train.resume=never", "wandb.mode=disabled", "eval.batches=1",
             *args.override]
@@ -282,6 +296,13 @@ class RunMonitor(threading.Thread):
                 out[step] = self._foreign(i, j)
         return out
 
+    def foreign_between(self, t0: float, t1: float) -> float:
+        """Other processes' cores between two perf_counter times (the nearest samples)."""
+        times = [x[0] for x in self.samples]
+        i = max(min(range(len(times)), key=lambda k: abs(times[k] - t0)), 0)
+        j = min(range(len(times)), key=lambda k: abs(times[k] - t1))
+        return self._foreign(i, j) if j > i else 0.0
+
     def run_foreign_cores(self) -> float:
         return self._foreign(0, len(self.samples) - 1) if len(self.samples) > 1 else 0.0
 
@@ -379,6 +400,7 @@ def run_all(args, impls) -> list[dict]:
 # ---- single-process profile ------------------------------------------------------------------------
 def profile(args, impls) -> list[dict]:
     """One process, the per-rank shapes (micro_batch x seq_len), no DeepSpeed and no gloo."""
+    args = argparse.Namespace(**{**vars(args), "ep": 1})   # every expert in this one process
     import torch
     from benchmarks.common import median_ms, time_interleaved
     from model import DiffusionTransformer
@@ -460,9 +482,44 @@ def profile(args, impls) -> list[dict]:
 
 
 def profile_engine(args, impls) -> list[dict]:
-    """The real trainer set-up (DeepSpeed engine, ZeRO, the trainer's optimizer and loader) in this
-    process as a world of one, with one micro-batch of the per-rank shape per step: forward,
-    backward and engine.step timed apart, then the hottest operators of engine.step."""
+    """The real trainer set-up (DeepSpeed engine, ZeRO, the trainer's optimizer and loader, gloo)
+    in `--nproc` processes started here, one micro-batch of the per-rank shape per step, with
+    forward, backward and engine.step timed apart; then rank 0's hottest operators."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    monitor = RunMonitor(os.getpid(), os.devnull)   # other processes' CPU, per timed segment below
+    monitor.start()
+    try:
+        mp.start_processes(_engine_rank, args=(args.nproc, free_port(), args, impls, queue), nprocs=args.nproc,
+                           start_method="spawn")
+    finally:
+        monitor.stop()
+    got = [queue.get() for _ in range(args.nproc)]
+    by_rank = {r: (rows, tables) for r, rows, tables in got}
+    rows, tables = by_rank[0]
+    for i, row in enumerate(rows):
+        totals = [by_rank[r][0][i]["total_ms"] for r in by_rank]
+        row["rank_spread_ms"] = max(totals) - min(totals)
+        row["foreign_cores"] = monitor.foreign_between(*row.pop("span"))
+        for r in by_rank:
+            by_rank[r][0][i].pop("span", None)
+    print(f"\nthe trainer's engine in {args.nproc} process(es) started here ({args.ds_config}, gloo, "
+          f"{args.threads} thread(s) each), micro-batch {rows[0]['micro_batch']} x {rows[0]['seq_len']} per rank "
+          f"per step: rank 0's median of {args.profile_repeat} steps")
+    print(format_table(rows, [("impl", "impl", "s"), ("forward_ms", "forward ms", ".1f"),
+                              ("backward_ms", "backward ms", ".1f"), ("engine.step_ms", "engine.step ms", ".1f"),
+                              ("total_ms", "total ms", ".1f"), ("rank_spread_ms", "rank spread ms", ".1f"),
+                              ("params_M", "params M", ".2f"), ("foreign_cores", "other cores", ".2f")]))
+    print("backward includes ZeRO's gradient hooks (bucketing, reduce-scatter); engine.step the gradient norm, "
+          "clipping, AdamW on this rank's partition and the all-gather of updated parameters")
+    for impl, table in tables.items():
+        print(f"\n{impl}, rank 0: hottest operators of 3 whole steps (forward, backward, engine.step), self CPU time")
+        print(table)
+    return rows
+
+
+def _engine_rank(rank: int, world: int, port: int, args, impls, queue) -> None:
     import logging
 
     import torch
@@ -470,22 +527,24 @@ def profile_engine(args, impls) -> list[dict]:
     from trainer import loop
     from trainer.noise import global_batch_noise
 
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())})
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     rows, tables = [], {}
-    base = tempfile.mkdtemp(prefix="train_throughput_profile_")
+    base = tempfile.mkdtemp(prefix="train_throughput_profile_") if rank == 0 else None
+    base = [base]
+    dist.broadcast_object_list(base, src=0)
+    base = base[0]
     try:
         for impl in impls:
             cfg = load_run_config(args, impl, os.path.join(base, impl))
-            per_rank = cfg.train.global_batch_size // args.nproc
-            cfg.train.global_batch_size = cfg.train.micro_batch_size = per_rank
+            t = cfg.train
+            per_rank = t.global_batch_size // world
+            t.global_batch_size, t.micro_batch_size = per_rank * world, per_rank   # no accumulation
             s = loop.setup(cfg, args.ds_config)
             logging.getLogger("ecdlm").setLevel(logging.WARNING)
-            t = cfg.train
             times = {"forward": [], "backward": [], "engine.step": []}
 
             def step(i, record):
@@ -505,32 +564,32 @@ def profile_engine(args, impls) -> list[dict]:
 
             for i in range(args.profile_warmup + 2):
                 step(i, False)
-            with ForeignLoad() as load:
-                for i in range(args.profile_repeat):
-                    step(100 + i, True)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            dist.barrier()
+            start = time.perf_counter()
+            for i in range(args.profile_repeat):
+                step(100 + i, True)
+            span = (start, time.perf_counter())
+            if rank == 0:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for i in range(3):
+                        step(200 + i, False)
+                tables[impl] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_ops,
+                                                         max_name_column_width=48)
+            else:
                 for i in range(3):
                     step(200 + i, False)
-            tables[impl] = prof.key_averages()
             s.loader.close()
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             rows.append({"impl": impl, **{f"{k}_ms": v for k, v in med.items()}, "total_ms": sum(med.values()),
-                         "foreign_cores": load.cores,
+                         "span": span, "micro_batch": per_rank, "seq_len": t.seq_len,
                          "params_M": sum(p.numel() for p in s.model.parameters()) / 1e6})
             del s
+            dist.barrier()
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-    print(f"\nthe trainer's engine in one process (world 1, {args.ds_config}), micro-batch {per_rank} x "
-          f"{cfg.train.seq_len} per step: median of {args.profile_repeat} steps")
-    print(format_table(rows, [("impl", "impl", "s"), ("forward_ms", "forward ms", ".1f"),
-                              ("backward_ms", "backward ms", ".1f"), ("engine.step_ms", "engine.step ms", ".1f"),
-                              ("total_ms", "total ms", ".1f"), ("params_M", "params M", ".2f"),
-                              ("foreign_cores", "other cores", ".2f")]))
-    for impl, ka in tables.items():
-        if impl in ("ec", "dense"):
-            print(f"\n{impl}: hottest operators of 3 whole steps (forward, backward, engine.step), self CPU time")
-            print(ka.table(sort_by="self_cpu_time_total", row_limit=args.profile_ops, max_name_column_width=48))
-    return rows
+        if rank == 0:
+            shutil.rmtree(base, ignore_errors=True)
+    queue.put((rank, rows, tables))
+    dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
@@ -551,6 +610,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-foreign", type=float, default=0.25, metavar="CORES",
                    help="a window during which other processes used more CPU than this is not clean")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--ep", type=int, help="moe.ep_size (default --nproc: every rank holds 1/nproc of the "
+                                          "experts, the expert-parallel layout; 1 replicates them)")
     p.add_argument("--threads", type=int, default=max((os.cpu_count() or 2) // 2, 1),
                    help="OMP threads per rank (default: cores / 2)")
     p.add_argument("--override", nargs="*", default=[], help="extra dotted key=value for every run")
@@ -568,6 +629,7 @@ def main(argv=None) -> None:
     if args.warmup % args.window or args.steps % args.window or args.steps < args.window:
         p.error("--warmup and --steps must be multiples of --window (and --steps >= --window)")
     impls = list(dict.fromkeys(args.impls))
+    args.ep = args.ep or args.nproc
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the clean-up (finally) on SIGTERM too
     # cores our ranks leave free may be used by others without disturbing the measurement
     args.max_foreign += max((os.cpu_count() or 1) - args.nproc * args.threads, 0)
@@ -597,6 +659,8 @@ def run_main(args, impls, code) -> None:
           f"micro-batch {t.micro_batch_size}; torch {torch.__version__}, fp32")
     print(f"code: commit {code['commit']}, model/ sha {code['model_sha']}"
           + (f", uncommitted changes in {' '.join(code['dirty'])}" if code["dirty"] else ""))
+    env = allocator_env()
+    print("environment: " + (" ".join(f"{k}={v}" for k, v in env.items()) or "default allocator, no thread settings"))
     sched = load_run_config(args, "ec_dynamic").moe.capacity
     print(f"ec uses the static capacity schedule at k = moe.k = {e.k} (the same k and FLOPs as TC); ec_dynamic "
           f"the preset's {sched.schedule} schedule (k {sched.k_min:g}..{sched.k_max:g}, E[k] = {sched.k_target:g}); "
@@ -615,11 +679,13 @@ def run_main(args, impls, code) -> None:
         rows += profile_engine(args, impls) if args.profile in ("all", "engine") else []
         if args.json:
             write_json(args.json, {"mode": "profile", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code,
+                                   "env": allocator_env(),
                                    "preset": args.preset, "overrides": PRESETS[args.preset] + args.override,
                                    "threads": args.threads}, rows)
         return
 
-    print(f"{args.nproc} processes x {args.threads} thread(s), {args.ds_config}, gloo; {args.warmup} warm-up + "
+    print(f"{args.nproc} processes x {args.threads} thread(s), moe.ep_size={args.ep}, {args.ds_config}, gloo; "
+          f"{args.warmup} warm-up + "
           f"{args.steps} timed steps per run, windows of {args.window}, {args.rounds} round(s)", flush=True)
     rows = run_all(args, impls)
     print(format_table(rows, [("impl", "impl", "s"), ("tokens_per_s", "tokens/s", ",.0f"),
@@ -654,13 +720,14 @@ def run_main(args, impls, code) -> None:
               "count; rerun with --wait-idle / --max-rounds for cleaner numbers")
     if args.json:
         meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code, "torch": torch.__version__, "dtype": "float32",
-                "backend": "gloo", "cpu_count": os.cpu_count(), "nproc": args.nproc, "threads": args.threads,
+                "backend": "gloo", "cpu_count": os.cpu_count(), "nproc": args.nproc, "ep_size": args.ep,
+                "threads": args.threads,
                 "preset": args.preset, "overrides": PRESETS[args.preset] + args.override,
                 "steps": args.steps, "warmup": args.warmup, "window": args.window, "rounds": args.rounds,
                 "tokens_per_step": t.global_batch_size * t.seq_len,
                 "ec_schedule": f"static (k = moe.k = {e.k})", "ec_dynamic_schedule": sched.schedule,
                 "per_run_idle_wait_max_s": args.wait_idle, "max_foreign_cores": args.max_foreign,
-                "targets": targets}
+                "targets": targets, "env": allocator_env()}
         write_json(args.json, meta, rows)
         print(f"wrote {args.json}")
 

@@ -20,7 +20,7 @@ Global expert e lives on rank e // El, so each rank's experts are one contiguous
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ class ExpertBatch:
     counts: Optional[torch.Tensor] = None
     ctx: Any = None   # what combine() needs to undo dispatch()
     gate: Optional[torch.Tensor] = None   # [El, C] or [N]: gates not yet applied to the rows
+    overlapped: Any = None   # what dispatch()'s `meanwhile` returned
 
 
 def gather_tokens(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -64,8 +65,9 @@ def gated_rows(y: ExpertBatch) -> torch.Tensor:
 class LocalDispatcher:
     """All experts on this process: dispatch is a gather, combine a weighted scatter-add."""
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> ExpertBatch:
-        return ExpertBatch(gather_tokens(x_TD, routing), routing.counts, gate=routing.gate)
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, meanwhile: Optional[Callable] = None) -> ExpertBatch:
+        return ExpertBatch(gather_tokens(x_TD, routing), routing.counts, gate=routing.gate,
+                           overlapped=meanwhile() if meanwhile else None)
 
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         return scatter_tokens(gated_rows(y), routing, routing.num_tokens)
@@ -93,6 +95,66 @@ def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> tor
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
+class _InFlight:
+    """One overlapped all-to-all: the forward's and the backward's pending work and buffers
+    (kept referenced until waited on: the transfer reads and writes them in the background)."""
+    work = grad_work = grad_in = grad_out = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Starts all_to_all_single(x) and returns the output buffer, still being filled; pass it
+    through _AllToAllWait before use. In the backward this node is the wait: _AllToAllWait's
+    backward started the reverse exchange, and autograd runs whatever else is ready in between
+    (it picks later-created nodes first, i.e. what ran between start and wait in the forward)."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, flight):
+        ctx.flight = flight
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        flight.send = x.contiguous()
+        flight.work = dist.all_to_all_single(out, flight.send, out_splits, in_splits, group=group, async_op=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_unused):
+        f = ctx.flight
+        f.grad_work.wait()
+        grad_in, f.grad_in, f.grad_out, f.grad_work = f.grad_in, None, None, None
+        return grad_in, None, None, None, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Waits for _AllToAllStart's exchange; the backward starts the reverse one."""
+
+    @staticmethod
+    def forward(ctx, out, in_splits, out_splits, group, flight):
+        flight.work.wait()
+        flight.work = flight.send = None
+        ctx.args = (in_splits, out_splits, group, flight)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        in_splits, out_splits, group, f = ctx.args
+        f.grad_out = grad.contiguous()
+        f.grad_in = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
+        f.grad_work = dist.all_to_all_single(f.grad_in, f.grad_out, in_splits, out_splits, group=group,
+                                             async_op=True)
+        return grad, None, None, None, None   # only its shape matters: _AllToAllStart returns grad_in
+
+
+def all_to_all_overlapped(x: torch.Tensor, out_splits: list, in_splits: list, group,
+                          meanwhile: Optional[Callable]) -> tuple[torch.Tensor, Any]:
+    """all_to_all(x), running meanwhile() while the rows travel, in the forward and (through
+    autograd's ordering) its backward while the gradients travel back. Returns (rows, result)."""
+    if meanwhile is None:
+        return all_to_all(x, out_splits, in_splits, group), None
+    flight = _InFlight()
+    out = _AllToAllStart.apply(x, out_splits, in_splits, group, flight)
+    result = meanwhile()
+    return _AllToAllWait.apply(out, in_splits, out_splits, group, flight), result
+
+
 class AllToAllDispatcher:
     """Experts split over the ranks of `group` (expert parallelism)."""
 
@@ -114,22 +176,19 @@ class AllToAllDispatcher:
         dist.all_gather(every, mine, group=self.group)
         return [int(c) for c in every]
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> ExpertBatch:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, meanwhile: Optional[Callable] = None) -> ExpertBatch:
+        """`meanwhile` (e.g. the shared expert) runs while the rows are in flight."""
         if not routing.fixed:
-            return self._dispatch_ragged(x_TD, routing)
+            return self._dispatch_ragged(x_TD, routing, meanwhile)
         x_ECD = gather_tokens(x_TD, routing)                               # [E, C, D]
-        C = x_ECD.shape[1]
+        El, (E, C, D) = self.num_local, x_ECD.shape
         caps = self._capacities(C, routing.capacity_static, x_TD.device)
-        x_local = self._to_experts(x_ECD, C, caps)                         # [El, sum C_p, D]
-        return ExpertBatch(x_local, ctx=(C, caps))                         # gates stay here
-
-    def _to_experts(self, t_EC: torch.Tensor, C: int, caps: list) -> torch.Tensor:
-        """[E, C, ...] slots of this rank -> [El, sum_p C_p, ...] slots of this rank's experts."""
-        El, tail = self.num_local, tuple(t_EC.shape[2:])
-        recv = all_to_all(t_EC.reshape(-1, *tail), [El * c for c in caps], [El * C] * self.ep, self.group)
-        # recv holds, per source rank p, [El, C_p, ...]; each local expert takes all sources' rows
+        recv, side = all_to_all_overlapped(x_ECD.reshape(E * C, D), [El * c for c in caps], [El * C] * self.ep,
+                                           self.group, meanwhile)
+        # recv holds, per source rank p, [El, C_p, D]; each local expert takes all sources' rows
         parts = torch.split(recv, [El * c for c in caps])
-        return torch.cat([p.view(El, c, *tail) for p, c in zip(parts, caps)], dim=1)
+        x_local = torch.cat([p.view(El, c, D) for p, c in zip(parts, caps)], dim=1)   # [El, sum C_p, D]
+        return ExpertBatch(x_local, ctx=(C, caps), overlapped=side)       # gates stay here
 
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         if not routing.fixed:
@@ -141,7 +200,7 @@ class AllToAllDispatcher:
         return scatter_tokens(_source_gated(y_ECD.view(-1, C, D), routing), routing, routing.num_tokens)
 
     # -- ragged (TC dropless): counts first, then rows ----------------------------------------
-    def _dispatch_ragged(self, x_TD: torch.Tensor, routing: Routing) -> ExpertBatch:
+    def _dispatch_ragged(self, x_TD: torch.Tensor, routing: Routing, meanwhile: Optional[Callable]) -> ExpertBatch:
         El, ep = self.num_local, self.ep
         x_ND = gather_tokens(x_TD, routing)
         counts_recv = torch.empty_like(routing.counts)        # [ep * El]: per source, per local expert
@@ -149,11 +208,11 @@ class AllToAllDispatcher:
         send = routing.counts.view(ep, El).sum(1).tolist()
         recv_counts_pe = counts_recv.view(ep, El)
         recv = recv_counts_pe.sum(1).tolist()
-        rows = all_to_all(x_ND, recv, send, self.group)          # grouped by (source, local expert)
+        rows, side = all_to_all_overlapped(x_ND, recv, send, self.group, meanwhile)   # by (source, local expert)
         expert_of_row = torch.repeat_interleave(torch.arange(El, device=rows.device).repeat(ep),
                                                 recv_counts_pe.reshape(-1))
         perm = torch.argsort(expert_of_row, stable=True)         # regroup by local expert
-        return ExpertBatch(rows[perm], recv_counts_pe.sum(0), ctx=(send, recv, perm))   # gates stay here
+        return ExpertBatch(rows[perm], recv_counts_pe.sum(0), ctx=(send, recv, perm), overlapped=side)
 
     def _combine_ragged(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         send, recv, perm = y.ctx

@@ -80,8 +80,6 @@ class MoELayer(nn.Module):
         logits_BLE = torch.nn.functional.linear(at_least_fp32(x_BLD), at_least_fp32(self.router.weight))
         routing, aux = self.route(logits_BLE, mask_ratio_B, valid_BL)
         out_TD = self.routed_experts(x_TD, routing)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
         valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
         zl = z_loss(logits_BLE.reshape(B * L, -1), valid_T)
         loss = self.cfg.z_loss_coef * zl + self.cfg.aux_loss_coef * aux
@@ -93,15 +91,21 @@ class MoELayer(nn.Module):
         return MoEOutput(out_TD.view(B, L, D), loss, stats)
 
     def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """dispatch -> experts -> combine. The experts apply the gates in their hidden layer
-        (half the width of their output); one process with fixed capacity takes the fused path."""
+        """dispatch -> experts -> combine, plus the shared experts. The experts apply the gates in
+        their hidden layer (half the width of their output); one process with fixed capacity takes
+        the fused path. Under expert parallelism the shared experts run while the dispatched rows
+        are in flight (and their backward while the rows' gradients travel back)."""
+        shared = (lambda: self.shared(x_TD)) if self.shared is not None else None
         if routing.fixed and isinstance(self.dispatcher, LocalDispatcher):
-            return self.experts.forward_local(x_TD, routing.token_idx, routing.gate)
-        batch = self.dispatcher.dispatch(x_TD, routing)
+            out_TD = self.experts.forward_local(x_TD, routing.token_idx, routing.gate)
+            return out_TD + shared() if shared else out_TD
+        batch = self.dispatcher.dispatch(x_TD, routing, meanwhile=shared)
+        shared_TD = batch.overlapped
         batch.x = (self.experts.forward_fixed(batch.x, batch.gate) if routing.fixed
                    else self.experts.forward_ragged(batch.x, batch.counts, batch.gate))
         batch.gate = None   # applied: combine() must not apply it again
-        return self.dispatcher.combine(batch, routing)
+        out_TD = self.dispatcher.combine(batch, routing)
+        return out_TD + shared_TD if shared else out_TD
 
     def route(self, logits_BLE: torch.Tensor, mask_ratio_B: Optional[torch.Tensor],
               valid_BL: Optional[torch.Tensor]) -> tuple[Routing, torch.Tensor]:

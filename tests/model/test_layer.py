@@ -74,11 +74,14 @@ def _ep_worker(rank, world, variant):
     for src in range(world):   # the one-process reference sees every rank's tokens
         xr = xs[src].clone().requires_grad_()
         full.router.weight.grad = None   # experts accumulate over sources; the router must not
+        for q in full.shared.parameters():   # nor the shared expert (it overlaps the all-to-all)
+            q.grad = None
         o = full(xr, rs[src], valid)
         ((o.hidden * ws[src]).sum() + o.loss).backward()
         if src == rank:
             ref_out, ref_xgrad = o.hidden.detach(), xr.grad
             ref_router = full.router.weight.grad.clone()
+            ref_shared = [q.grad.clone() for q in full.shared.parameters()]
     El = ep.experts.num_local
     sl = slice(rank * El, (rank + 1) * El)
     return {
@@ -87,6 +90,8 @@ def _ep_worker(rank, world, variant):
         "w_in_grad": (ep.experts.w_in_EDF.grad, full.experts.w_in_EDF.grad[sl]),
         "w_out_grad": (ep.experts.w_out_EHD.grad, full.experts.w_out_EHD.grad[sl]),
         "router_grad_own_tokens": (ep.router.weight.grad, ref_router),
+        **{f"shared_grad_own_tokens/{i}": (q.grad, r) for i, (q, r) in enumerate(zip(ep.shared.parameters(),
+                                                                                       ref_shared))},
     }
 
 

@@ -570,11 +570,13 @@ def _engine_rank(rank: int, world: int, port: int, args, impls, queue) -> None:
                 step(100 + i, True)
             span = (start, time.perf_counter())
             if rank == 0:
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                            record_shapes=args.profile_shapes) as prof:
                     for i in range(3):
                         step(200 + i, False)
-                tables[impl] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_ops,
-                                                         max_name_column_width=48)
+                tables[impl] = prof.key_averages(group_by_input_shape=args.profile_shapes).table(
+                    sort_by="self_cpu_time_total", row_limit=args.profile_ops, max_name_column_width=48,
+                    max_shapes_column_width=80)
             else:
                 for i in range(3):
                     step(200 + i, False)
@@ -625,6 +627,7 @@ def main(argv=None) -> None:
     p.add_argument("--profile-warmup", type=int, default=3)
     p.add_argument("--profile-repeat", type=int, default=10)
     p.add_argument("--profile-ops", type=int, default=15)
+    p.add_argument("--profile-shapes", action="store_true", help="engine profile: one row per operator and input shapes")
     args = p.parse_args(argv)
     if args.warmup % args.window or args.steps % args.window or args.steps < args.window:
         p.error("--warmup and --steps must be multiples of --window (and --steps >= --window)")

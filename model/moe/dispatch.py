@@ -185,17 +185,30 @@ class AllToAllDispatcher:
         caps = self._capacities(C, routing.capacity_static, x_TD.device)
         recv, side = all_to_all_overlapped(x_ECD.reshape(E * C, D), [El * c for c in caps], [El * C] * self.ep,
                                            self.group, meanwhile)
-        # recv holds, per source rank p, [El, C_p, D]; each local expert takes all sources' rows
+        return ExpertBatch(self._expert_major(recv, caps, D), ctx=(C, caps), overlapped=side)   # gates stay here
+
+    def _expert_major(self, recv: torch.Tensor, caps: list, D: int) -> torch.Tensor:
+        """recv holds, per source rank p, [El, C_p, D]; each local expert takes all sources' rows:
+        [El, sum_p C_p, D]. With equal capacities that is one transpose copy (forward and backward);
+        split + cat would copy twice in the backward."""
+        El = self.num_local
+        if len(set(caps)) == 1:
+            return recv.view(self.ep, El, caps[0], D).transpose(0, 1).reshape(El, self.ep * caps[0], D)
         parts = torch.split(recv, [El * c for c in caps])
-        x_local = torch.cat([p.view(El, c, D) for p, c in zip(parts, caps)], dim=1)   # [El, sum C_p, D]
-        return ExpertBatch(x_local, ctx=(C, caps), overlapped=side)       # gates stay here
+        return torch.cat([p.view(El, c, D) for p, c in zip(parts, caps)], dim=1)
+
+    def _source_major(self, rows: torch.Tensor, caps: list) -> torch.Tensor:
+        """The inverse of _expert_major: [El, sum_p C_p, D] -> per destination rank p, [El, C_p, D]."""
+        El, _, D = rows.shape
+        if len(set(caps)) == 1:
+            return rows.view(El, self.ep, caps[0], D).transpose(0, 1).reshape(-1, D)
+        return torch.cat([part.reshape(-1, D) for part in torch.split(rows, caps, dim=1)])
 
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         if not routing.fixed:
             return self._combine_ragged(y, routing)
         (C, caps), (El, _, D) = y.ctx, y.x.shape
-        rows = gated_rows(y)
-        back = torch.cat([part.reshape(-1, D) for part in torch.split(rows, caps, dim=1)])
+        back = self._source_major(gated_rows(y), caps)
         y_ECD = all_to_all(back, [El * C] * self.ep, [El * c for c in caps], self.group)
         return scatter_tokens(_source_gated(y_ECD.view(-1, C, D), routing), routing, routing.num_tokens)
 

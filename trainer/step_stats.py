@@ -35,13 +35,14 @@ class StepStats:
             self._zeros(loss.device)
         moe = out.moe
         as64 = lambda t: t.detach().to(torch.float64)                            # noqa: E731
-        mean = (lambda xs: torch.stack([as64(x) for x in xs]).mean()) if moe else (lambda xs: as64(loss) * 0)
+        per_layer = {name: torch.stack([as64(getattr(s, name)) for s in moe]) if moe else self.scalars.new_zeros(1)
+                     for name in ("z_loss", "aux_loss", "mean_k", "assignments")}
         self.scalars += torch.stack([
             as64(loss), torch.ones_like(as64(loss)),                           # loss sum, micro count
-            mean([s.z_loss for s in moe]), mean([s.aux_loss for s in moe]),   # per-layer means
-            mean([s.mean_k for s in moe]),
+            per_layer["z_loss"].mean(), per_layer["aux_loss"].mean(),          # per-layer means
+            per_layer["mean_k"].mean(),
             as64(rec.mask_BL.sum()),                                           # masked tokens
-            torch.stack([as64(s.assignments) for s in moe]).sum() if moe else as64(loss) * 0,
+            per_layer["assignments"].sum(),                                    # routed assignments
         ])
         if moe:
             self.drop += torch.stack([as64(s.drop_frac) for s in moe])

@@ -55,11 +55,14 @@ def scatter_tokens(rows: torch.Tensor, routing: Routing, num_tokens: int) -> tor
     return out.index_add_(0, routing.token_idx.reshape(-1), rows.reshape(-1, D))
 
 
+def times_gate(rows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Each row ([.., D]) scaled by its gate ([..])."""
+    return rows * gate.to(rows.dtype).unsqueeze(-1)
+
+
 def gated_rows(y: ExpertBatch) -> torch.Tensor:
     """y.x times the gates that are still pending (none after MoELayer's experts)."""
-    if y.gate is None:
-        return y.x
-    return y.x * y.gate.to(y.x.dtype).unsqueeze(-1)
+    return y.x if y.gate is None else times_gate(y.x, y.gate)
 
 
 class LocalDispatcher:
@@ -98,7 +101,7 @@ def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> tor
 class _InFlight:
     """One overlapped all-to-all: the forward's and the backward's pending work and buffers
     (kept referenced until waited on: the transfer reads and writes them in the background)."""
-    work = grad_work = grad_in = grad_out = None
+    work = send = grad_work = grad_in = grad_out = None
 
 
 class _AllToAllStart(torch.autograd.Function):
@@ -210,7 +213,7 @@ class AllToAllDispatcher:
         (C, caps), (El, _, D) = y.ctx, y.x.shape
         back = self._source_major(gated_rows(y), caps)
         y_ECD = all_to_all(back, [El * C] * self.ep, [El * c for c in caps], self.group)
-        return scatter_tokens(_source_gated(y_ECD.view(-1, C, D), routing), routing, routing.num_tokens)
+        return scatter_tokens(times_gate(y_ECD.view(-1, C, D), routing.gate), routing, routing.num_tokens)
 
     # -- ragged (TC dropless): counts first, then rows ----------------------------------------
     def _dispatch_ragged(self, x_TD: torch.Tensor, routing: Routing, meanwhile: Optional[Callable]) -> ExpertBatch:
@@ -232,9 +235,4 @@ class AllToAllDispatcher:
         rows = gated_rows(y)
         rows = torch.empty_like(rows).index_copy(0, perm, rows)  # undo the regrouping
         y_ND = all_to_all(rows, send, recv, self.group)
-        return scatter_tokens(_source_gated(y_ND, routing), routing, routing.num_tokens)
-
-
-def _source_gated(rows: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Rows back on the token's rank times their gates, which never left it."""
-    return rows * routing.gate.to(rows.dtype).unsqueeze(-1)
+        return scatter_tokens(times_gate(y_ND, routing.gate), routing, routing.num_tokens)

@@ -67,6 +67,9 @@ class MoELayer(nn.Module):
         self.shared = (SwiGLU(d_model, cfg.num_shared_experts * shared_hidden(cfg))
                        if cfg.num_shared_experts else None)
         self.capacity: TimestepCapacity = build_capacity(cfg)
+        # a static schedule's k is a constant: resolve it once, not every forward
+        self.static_k = (int(self.capacity.k(torch.zeros(1))[0]) if self.capacity.schedule == "static"
+                         else None)
         # aux-loss-free balancing (TC): selection-only bias, a buffer so checkpoints keep it
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
         if init_seed is not None:
@@ -125,8 +128,8 @@ class MoELayer(nn.Module):
 
     def expert_choice_k(self, mask_ratio_B: Optional[torch.Tensor], batch: int):
         """An int for static capacity (shapes alone decide C), else a LongTensor k_B."""
-        if self.capacity.schedule == "static":
-            return int(self.capacity.k(torch.zeros(1))[0])
+        if self.static_k is not None:
+            return self.static_k
         if mask_ratio_B is None:
             raise ValueError(f"capacity schedule {self.capacity.schedule!r} needs the per-sequence mask ratio")
         return self.capacity.k(mask_ratio_B.detach())

@@ -107,6 +107,16 @@ def _assert_state(info: dict, state: str, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ cluster
+def _submit_fake(cluster: SlurmCluster, tmp_path: Path, name: str, source: str, *sbatch_args: str,
+                 **env: str) -> tuple[int, Path]:
+    """pretrain_ec.sh on two nodes with TRAIN_CMD = the fake trainer `source`; returns (job, output)."""
+    fake = _write(tmp_path / name, source)
+    out = tmp_path / "job.out"
+    job = cluster.sbatch([*TWO_NODES, *sbatch_args, f"--output={out}", "slurm/pretrain_ec.sh"],
+                         env=_env(TRAIN_CMD=f"python {fake}", **env), cwd=REPO)
+    return job, out
+
+
 def test_two_node_job_runs_on_both_nodes(slurm_cluster, tmp_path):
     out = tmp_path / "smoke.out"
     job = slurm_cluster.sbatch([
@@ -194,10 +204,7 @@ def test_submit_wrapper_creates_logs_dir(slurm_cluster, tmp_path):
 
 
 def test_usr1_checkpoint_requeue_then_finish(slurm_cluster, tmp_path):
-    fake = _write(tmp_path / "fake_preempt.py", FAKE_PREEMPTIBLE)
-    out = tmp_path / "job.out"
-    job = slurm_cluster.sbatch([*TWO_NODES, f"--output={out}", "slurm/pretrain_ec.sh"],
-                               env=_env(TRAIN_CMD=f"python {fake}"), cwd=REPO)
+    job, out = _submit_fake(slurm_cluster, tmp_path, "fake_preempt.py", FAKE_PREEMPTIBLE)
     _wait_for_text(out, "FAKE-WAITING", 2, slurm_cluster, job)
     slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
     info = slurm_cluster.wait_job(job, timeout=120)
@@ -214,10 +221,7 @@ def test_usr1_checkpoint_requeue_then_finish(slurm_cluster, tmp_path):
 
 def test_usr1_to_whole_job_does_not_kill_batch_shell(slurm_cluster, tmp_path):
     """`scancel --full --signal=USR1` also signals the batch shell: it traps and carries on."""
-    fake = _write(tmp_path / "fake_preempt.py", FAKE_PREEMPTIBLE)
-    out = tmp_path / "job.out"
-    job = slurm_cluster.sbatch([*TWO_NODES, f"--output={out}", "slurm/pretrain_ec.sh"],
-                               env=_env(TRAIN_CMD=f"python {fake}"), cwd=REPO)
+    job, out = _submit_fake(slurm_cluster, tmp_path, "fake_preempt.py", FAKE_PREEMPTIBLE)
     _wait_for_text(out, "FAKE-WAITING", 2, slurm_cluster, job)
     slurm_cluster.run(["scancel", "--full", "--signal=USR1", str(job)])
     info = slurm_cluster.wait_job(job, timeout=120)
@@ -230,10 +234,8 @@ def test_usr1_to_whole_job_does_not_kill_batch_shell(slurm_cluster, tmp_path):
 def test_time_limit_warning_signal_requeues(slurm_cluster, tmp_path):
     """The --signal=USR1@N path: SLURM itself sends SIGUSR1 N seconds before the time limit
     (here --time=2:00 with USR1@110, i.e. about 10 s after the start)."""
-    fake = _write(tmp_path / "fake_preempt.py", FAKE_PREEMPTIBLE)
-    out = tmp_path / "job.out"
-    job = slurm_cluster.sbatch([*TWO_NODES, "--time=00:02:00", "--signal=USR1@110", f"--output={out}",
-                                "slurm/pretrain_ec.sh"], env=_env(TRAIN_CMD=f"python {fake}"), cwd=REPO)
+    job, out = _submit_fake(slurm_cluster, tmp_path, "fake_preempt.py", FAKE_PREEMPTIBLE,
+                            "--time=00:02:00", "--signal=USR1@110")
     info = slurm_cluster.wait_job(job, timeout=150)
     _assert_state(info, "COMPLETED", out)
     text = out.read_text()
@@ -243,10 +245,7 @@ def test_time_limit_warning_signal_requeues(slurm_cluster, tmp_path):
 
 def test_refused_requeue_is_logged_and_fails(slurm_cluster, tmp_path):
     """With --no-requeue, `scontrol requeue` is refused: logged, and the job ends with status 85."""
-    fake = _write(tmp_path / "fake_85.py", "import sys; sys.exit(85)\n")
-    out = tmp_path / "job.out"
-    job = slurm_cluster.sbatch([*TWO_NODES, "--no-requeue", f"--output={out}", "slurm/pretrain_ec.sh"],
-                               env=_env(TRAIN_CMD=f"python {fake}"), cwd=REPO)
+    job, out = _submit_fake(slurm_cluster, tmp_path, "fake_85.py", "import sys; sys.exit(85)\n", "--no-requeue")
     info = slurm_cluster.wait_job(job, timeout=60)
     _assert_state(info, "FAILED", out)
     assert info["ExitCode"] == "85:0" and info["Restarts"] == "0", info
@@ -254,10 +253,7 @@ def test_refused_requeue_is_logged_and_fails(slurm_cluster, tmp_path):
 
 
 def test_sigterm_checkpoint_stops_without_requeue(slurm_cluster, tmp_path):
-    fake = _write(tmp_path / "fake_preempt.py", FAKE_PREEMPTIBLE)
-    out = tmp_path / "job.out"
-    job = slurm_cluster.sbatch([*TWO_NODES, f"--output={out}", "slurm/pretrain_ec.sh"],
-                               env=_env(TRAIN_CMD=f"python {fake}"), cwd=REPO)
+    job, out = _submit_fake(slurm_cluster, tmp_path, "fake_preempt.py", FAKE_PREEMPTIBLE)
     _wait_for_text(out, "FAKE-WAITING", 2, slurm_cluster, job)
     slurm_cluster.run(["scancel", "--signal=TERM", str(job)])
     info = slurm_cluster.wait_job(job, timeout=60)
@@ -268,10 +264,7 @@ def test_sigterm_checkpoint_stops_without_requeue(slurm_cluster, tmp_path):
 
 
 def test_failures_requeue_until_max_requeues(slurm_cluster, tmp_path):
-    fake = _write(tmp_path / "fake_fail.py", FAKE_FAILING)
-    out = tmp_path / "job.out"
-    job = slurm_cluster.sbatch([*TWO_NODES, f"--output={out}", "slurm/pretrain_ec.sh"],
-                               env=_env(TRAIN_CMD=f"python {fake}", MAX_REQUEUES="1"), cwd=REPO)
+    job, out = _submit_fake(slurm_cluster, tmp_path, "fake_fail.py", FAKE_FAILING, MAX_REQUEUES="1")
     info = slurm_cluster.wait_job(job, timeout=120)
     _assert_state(info, "FAILED", out)
     text = out.read_text()
@@ -284,10 +277,8 @@ def test_failures_requeue_until_max_requeues(slurm_cluster, tmp_path):
 
 def test_bad_configuration_status_is_not_requeued(slurm_cluster, tmp_path):
     """Status 2 (the trainer's "bad configuration or input") is in NO_RETRY_STATUSES by default."""
-    fake = _write(tmp_path / "fake_2.py", "import sys; print('error: bad config'); sys.exit(2)\n")
-    out = tmp_path / "job.out"
-    job = slurm_cluster.sbatch([*TWO_NODES, f"--output={out}", "slurm/pretrain_ec.sh"],
-                               env=_env(TRAIN_CMD=f"python {fake}"), cwd=REPO)
+    job, out = _submit_fake(slurm_cluster, tmp_path, "fake_2.py",
+                            "import sys; print('error: bad config'); sys.exit(2)\n")
     info = slurm_cluster.wait_job(job, timeout=60)
     _assert_state(info, "FAILED", out)
     assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", info

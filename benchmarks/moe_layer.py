@@ -59,11 +59,12 @@ def our_layer(args, router: str, capacity_factor=None) -> MoELayer:
 
 def deepspeed_layer(args):
     """DeepSpeed's MoE needs its expert-parallel groups even in one process: a 1-rank gloo world."""
-    import deepspeed
     from deepspeed.moe.layer import MoE
+
+    from trainer.parallel import init_distributed
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     # TopKGate documents k in {1, 2}, but 0.19 sends any k > 2 to `topkgating`, which supports it
     moe = MoE(args.d_model, SwiGLUExpert(args.d_model, args.hidden), num_experts=args.experts, ep_size=1,
               k=args.k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, drop_tokens=True,

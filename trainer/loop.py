@@ -30,8 +30,8 @@ from .mc_eval import evaluate_tasks
 from .metrics import build_metrics
 from .noise import global_batch_noise
 from .objective import DiffusionObjective
-from .parallel import (MoEMarker, create_expert_groups, expert_data_parallel_group, optimizer_param_groups,
-                       tag_expert_params)
+from .parallel import (MoEMarker, create_expert_groups, expert_data_parallel_group, init_distributed,
+                       optimizer_param_groups, tag_expert_params)
 from .preemption import PreemptionWatcher, comm_device
 from .schedule import build_scheduler
 from .step_stats import StepStats, load_cv
@@ -110,7 +110,7 @@ class Session:
 def setup(cfg: RunConfig, ds_config_path: str) -> Session:
     """Checks, process groups, model, DeepSpeed engine, data, and resume."""
     ds_raw = preflight(cfg, ds_config_path)
-    deepspeed.init_distributed()   # NCCL on GPUs, gloo on CPU; env:// or MPI discovery
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -12,9 +12,12 @@ The engine only turns that machinery on (`has_moe_layers`) when it finds an inst
 imports DeepSpeed), so `MoEMarker` is a stateless instance of that class attached beside the
 model. It has no parameters, so DeepSpeed's per-expert checkpoint files (keyed by its own expert
 module names) are empty; trainer/checkpoint.py saves our stacked experts itself, once each.
+
+Process groups themselves start in `init_distributed` below.
 """
 from __future__ import annotations
 
+import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -23,6 +26,26 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.utils import groups
 
 from model.config import ConfigError
+
+
+# DeepSpeed's op-builder name for its CPU shared-memory all-reduce (ops/op_builder/cpu/comm.py).
+_SHM_ALLREDUCE_OP = "deepspeed_shm_comm"
+
+
+def init_distributed(**kwargs) -> None:
+    """deepspeed.init_distributed (NCCL on GPUs, gloo on CPU; env:// or MPI discovery), without
+    DeepSpeed's CPU shared-memory all-reduce.
+
+    On the CPU accelerator DeepSpeed JIT-compiles that extension in every new environment (minutes
+    on a small machine; a build killed half-way leaves torch's lock file behind and every later
+    run waits on it forever), and when all ranks share a host each rank creates a 64 MiB
+    /dev/shm segment that nothing ever unlinks (shm.cpp's shared_close is never called), so every
+    run leaks 64 MiB of RAM per rank until reboot. Only DeepSpeed's inference tensor parallelism
+    calls that all-reduce; training never does. Marking the op incompatible makes DeepSpeed skip
+    it (comm/torch.py: build_shm_op returns None) and use torch.distributed's all-reduce.
+    """
+    deepspeed.ops.__compatible_ops__[_SHM_ALLREDUCE_OP] = False
+    deepspeed.init_distributed(**kwargs)
 
 
 def expert_group_name(ep_size: int) -> str:

@@ -18,17 +18,23 @@ def runs(small_corpus, tmp_path_factory):
     task.write_text("\n".join(json.dumps({"question": f"def f{i}(x): return", "choices": ["x", "y", "(", ")"],
                                           "answer": i % 4}) for i in range(6)) + "\n")
     tasks = f"[{{name: toy, path: {task}, mode: single_mask, every: 5}}]"
-    out = {}
+    out = {"shm_before": _deepspeed_shm_segments(), "logs": []}
     for name, nproc, ds, extra in (("single", 1, "zero2", {}),
                                    ("ep2", 2, "zero2", {"moe.ep_size": 2, "wandb.mode": "offline",
                                                         "eval.tasks": tasks}),
                                    ("ep2_zero1", 2, "zero1", {"moe.ep_size": 2})):
         run_dir = base / name
-        launch(nproc, tiny_overrides(small_corpus, run_dir, **{"train.max_steps": 10, "train.save_every": 5,
+        proc = launch(nproc, tiny_overrides(small_corpus, run_dir, **{"train.max_steps": 10, "train.save_every": 5,
                                                                "train.eval_every": 5, **extra}),
                ds_config=f"ds_configs/{ds}.json")
         out[name] = run_dir
+        out["logs"].append(proc.stdout + proc.stderr)
+    out["shm_after"] = _deepspeed_shm_segments()
     return out
+
+
+def _deepspeed_shm_segments() -> set:
+    return set(glob.glob("/dev/shm/deepspeed_*"))
 
 
 def _close(a: dict, b: dict, rel: float, what: str):
@@ -98,6 +104,14 @@ def test_wandb_offline_run_is_created_and_finishes(runs):
     assert glob.glob(os.path.join(runs_dirs[0], f"run-{run_id}.wandb"))
     log = open(os.path.join(runs_dirs[0], "logs", "debug.log")).read()
     assert "finish" in log.lower()
+
+
+def test_runs_leave_no_shared_memory_behind(runs):
+    """DeepSpeed's CPU shared-memory all-reduce would JIT-build an extension and leave a 64 MiB
+    /dev/shm segment per rank after every run (never unlinked); the trainer turns it off."""
+    assert not any("shm_comm" in log for log in runs["logs"]), "DeepSpeed built its shm all-reduce"
+    leaked = runs["shm_after"] - runs["shm_before"]
+    assert not leaked, f"left in /dev/shm: {sorted(leaked)}"
 
 
 @pytest.mark.parametrize("router", ["expert_choice", "token_choice"])

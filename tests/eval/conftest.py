@@ -81,9 +81,15 @@ def two_runs(small_corpus, tmp_path_factory):
              "tc": {"moe.router": "token_choice", "moe.capacity.schedule": "static"}}
     t0 = time.time()
     procs = {name: start_run(small_corpus, root / name, **extra) for name, extra in specs.items()}
-    for name, p in procs.items():
-        out, _ = p.communicate(timeout=600)
-        if p.returncode != 0:
-            raise AssertionError(f"{name} run failed ({p.returncode}):\n{out[-6000:]}")
+    try:
+        for name, p in procs.items():
+            out, _ = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise AssertionError(f"{name} run failed ({p.returncode}):\n{out[-6000:]}")
+    finally:   # a timed-out or failed run must not keep training behind the rest of the suite
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     print(f"two training runs in {time.time() - t0:.1f} s")
     return {name: root / name for name in specs}

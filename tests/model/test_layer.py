@@ -109,7 +109,7 @@ def test_drop_in_layer_validates_and_initializes_itself():
     from model.config import CapacityConfig, ConfigError, MoEConfig
     layer = MoELayer(32, MoEConfig(num_experts=8, expert_hidden=16, k=2,
                                    capacity=CapacityConfig(schedule="linear_reverse", k_min=1, k_max=3)))
-    w = layer.experts.w_in_EDF
+    w = layer.experts.w_in_EDF.detach()
     assert torch.isfinite(w).all() and 0.01 < float(w.std()) < 0.03
     out = layer(torch.randn(2, 16, 32), torch.tensor([0.1, 0.9]))
     assert out.hidden.shape == (2, 16, 32) and out.stats.mean_k > 0

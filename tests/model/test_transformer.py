@@ -104,7 +104,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         model = DiffusionTransformer(tiny(activation_checkpointing=ckpt), seed=5).train()
         loss, _, _ = forward_loss(model, tokens, u, token_u)
         loss.backward()
-        grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+        grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,24 @@ def launch(nproc: int, overrides: list, ds_config: str = "ds_configs/zero2.json"
            env: dict = None) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
            "trainer/main.py", "--ds_config", ds_config, "--config", config, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    proc = run_killing_group(cmd, timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_killing_group(cmd: list, timeout: int, env: dict) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a timeout kills the launcher's whole process group: killing
+    only the launcher would leave its rank processes training behind the rest of the suite."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def read_metrics(run_dir: Path) -> list:

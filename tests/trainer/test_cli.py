@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.launch import BIN, ROOT, per_step, tiny_overrides
+from tests.trainer.launch import BIN, ROOT, per_step, run_killing_group, tiny_overrides
 from trainer.config import load_config
 from model import ConfigError
 
@@ -84,11 +84,10 @@ def test_ds_json_contradicting_yaml_and_zero3_with_moe(small_corpus, tmp_path):
 def test_resolved_config_is_saved_and_reloads(small_corpus, tmp_path):
     """mpiexec launch (MPI discovery through mpi4py), and the run directory's resolved configs."""
     run_dir = tmp_path / "mpi"
-    env = {**os.environ}
-    proc = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "trainer/main.py", "--config",
-                           "configs/tiny.yaml", *tiny_overrides(small_corpus, run_dir, **{
-                               "train.max_steps": 2, "train.eval_every": 100, "train.save_every": 100})],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_killing_group([str(BIN / "mpiexec"), "-n", "2", sys.executable, "trainer/main.py", "--config",
+                              "configs/tiny.yaml", *tiny_overrides(small_corpus, run_dir, **{
+                                  "train.max_steps": 2, "train.eval_every": 100, "train.save_every": 100})],
+                             timeout=600, env={**os.environ})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(per_step(run_dir, "train/loss")) == [1, 2]
     ds = json.load(open(run_dir / "ds_config.json"))

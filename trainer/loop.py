@@ -169,9 +169,9 @@ def train_step(s: Session, step: int, stats: StepStats, update_bias: bool, cdev)
         loss, rec, out = s.engine(mb.tokens.to(s.device), u_G[idx].to(s.device), token_u_GL[idx].to(s.device))
         s.engine.backward(loss)
         s.engine.step()   # DeepSpeed steps the optimizer only at the accumulation boundary
-        stats.add_micro(rec, out)
+        micro_load = stats.add_micro(rec, out)   # [layers, E], on the device: no host sync
         if update_bias:
-            step_load += torch.stack([st.tokens_per_expert.double() for st in out.moe])   # no host sync
+            step_load += micro_load
     if update_bias:   # once per optimizer step, with the global load, identically on every rank
         step_load = step_load.to(cdev)
         dist.all_reduce(step_load)

@@ -3,12 +3,19 @@ log window (one all-reduce of one packed vector), then turned into the named met
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
 from model.diffusion import loss_by_ratio_bin
 
 NUM_BINS = 10
+_PER_LAYER = ("z_loss", "aux_loss", "mean_k", "assignments", "drop_frac", "tokens_per_expert")   # MoEStats fields
+
+
+def as64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
 
 
 class StepStats:
@@ -26,30 +33,31 @@ class StepStats:
         self.scalars, self.drop, self.load = z(7), z(self.L), z(self.L, self.E)
         self.bin_num, self.bin_cnt = z(NUM_BINS), z(NUM_BINS)
 
-    def add_micro(self, rec, out) -> None:
+    def add_micro(self, rec, out) -> Optional[torch.Tensor]:
         """One micro-batch's loss record and model output. Everything stays a tensor on the
         model's device: no .item() or .cpu() here, so on a GPU the host never waits for the
-        micro-batch to finish (one sync per log window, in reduce())."""
-        loss = rec.loss.detach()
+        micro-batch to finish (one sync per log window, in reduce()). Returns this micro-batch's
+        tokens per expert, [layers, E] float64 (None without MoE layers), for the TC bias update."""
+        loss = as64(rec.loss)
         if self.scalars is None:
             self._zeros(loss.device)
-        moe = out.moe
-        as64 = lambda t: t.detach().to(torch.float64)                            # noqa: E731
-        per_layer = {name: torch.stack([as64(getattr(s, name)) for s in moe]) if moe else self.scalars.new_zeros(1)
-                     for name in ("z_loss", "aux_loss", "mean_k", "assignments")}
+        if out.moe:
+            per_layer = {name: torch.stack([as64(getattr(s, name)) for s in out.moe]) for name in _PER_LAYER}
+            self.drop += per_layer["drop_frac"]
+            self.load += per_layer["tokens_per_expert"]
+        else:   # a dense model: its MoE statistics are zero
+            per_layer = {name: loss.new_zeros(1) for name in _PER_LAYER}
         self.scalars += torch.stack([
-            as64(loss), torch.ones_like(as64(loss)),                           # loss sum, micro count
+            loss, torch.ones_like(loss),                                       # loss sum, micro count
             per_layer["z_loss"].mean(), per_layer["aux_loss"].mean(),          # per-layer means
             per_layer["mean_k"].mean(),
             as64(rec.mask_BL.sum()),                                           # masked tokens
             per_layer["assignments"].sum(),                                    # routed assignments
         ])
-        if moe:
-            self.drop += torch.stack([as64(s.drop_frac) for s in moe])
-            self.load += torch.stack([as64(s.tokens_per_expert) for s in moe])
         num, cnt = loss_by_ratio_bin(rec, NUM_BINS)
         self.bin_num += num
         self.bin_cnt += cnt
+        return per_layer["tokens_per_expert"] if out.moe else None
 
     def add_step(self, seconds: float, wait_seconds: float, grad_norm) -> None:
         self.steps += 1

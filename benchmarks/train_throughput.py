@@ -404,6 +404,7 @@ def profile(args, impls) -> list[dict]:
     import torch
     from benchmarks.common import median_ms, time_interleaved
     from model import DiffusionTransformer
+    from trainer.loop import build_optimizer
     from trainer.noise import global_batch_noise
     from trainer.objective import DiffusionObjective
 
@@ -414,7 +415,7 @@ def profile(args, impls) -> list[dict]:
         t = cfg.train
         model = DiffusionTransformer(cfg.model_config(), seed=t.seed)
         obj = DiffusionObjective(model)
-        opt = torch.optim.AdamW(obj.parameters(), lr=1e-4)
+        opt = build_optimizer(list(obj.parameters()), cfg, ds={})   # the trainer's (fused) AdamW
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(4, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len), generator=gen)
         u_G, tok_u = global_batch_noise(t.seed, 0, t.micro_batch_size, t.seq_len, True)

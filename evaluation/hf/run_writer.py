@@ -1,0 +1,50 @@
+"""`python -m evaluation.hf import HF_DIR OUT_RUN`: an imported model as an ecdlm run directory
+that every evaluation tool loads like a trained run (`load_run`, the sampler, perplexity, ...).
+
+    OUT_RUN/config.yaml                          model/moe/diffusion from the import; data.path = tokenizer/
+    OUT_RUN/tokenizer/                           the directory's tokenizer JSON files
+    OUT_RUN/checkpoints/step_00000000/           model.safetensors (sharded with an index when large), COMPLETE
+    OUT_RUN/checkpoints/latest
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import yaml
+
+from trainer.checkpoints import COMPLETE, tag_for
+from trainer.config import load_config
+
+from .ecdlm_format import sections
+from .importer import load_hf_dir
+from .safetensors_io import ShardedWriter
+from .tokenizer import copy_tokenizer_files
+
+
+def import_to_run(hf_dir: str, out_run: str, mask_id: Optional[int] = None, mask_token: str = "<|mask|>",
+                  max_shard_bytes: int = 5 * 10**9) -> str:
+    """Write the run; returns its checkpoint directory."""
+    cfg, state = load_hf_dir(hf_dir, mask_id, mask_token)
+    out_run = os.path.abspath(out_run)
+    tok_dir = os.path.join(out_run, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    copy_tokenizer_files(hf_dir, tok_dir)
+    run = {**sections(cfg),
+           "train": {"run_name": os.path.basename(out_run), "output_dir": out_run,
+                     "seq_len": min(128, cfg.model.max_seq_len)},
+           "data": {"path": tok_dir}}   # load_run reads the tokenizer here (none: tools that need one say so)
+    with open(os.path.join(out_run, "config.yaml"), "w") as f:
+        yaml.safe_dump(run, f, sort_keys=False)
+    load_config(os.path.join(out_run, "config.yaml"))   # the trainer's own validation, before the weights
+    root = os.path.join(out_run, "checkpoints")
+    ckpt = os.path.join(root, tag_for(0))
+    os.makedirs(ckpt, exist_ok=True)
+    writer = ShardedWriter(ckpt, max_shard_bytes)
+    for name in list(state):
+        writer.add(name, state.pop(name))
+    writer.close()
+    open(os.path.join(ckpt, COMPLETE), "w").close()
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(tag_for(0))
+    return ckpt

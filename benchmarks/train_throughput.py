@@ -148,7 +148,7 @@ def describe(args, impls) -> list[dict]:
     out = []
     for impl in impls:
         cfg = load_run_config(args, impl)
-        c = cfg.model_config().param_counts()
+        c = cfg.model_config.param_counts()
         e = cfg.moe
         ffn = (e.dense_hidden if e.router == "dense" else
                f"{e.num_experts}x{e.expert_hidden} k={e.k} + {e.num_shared_experts} shared")
@@ -404,16 +404,16 @@ def profile(args, impls) -> list[dict]:
     import torch
     from benchmarks.common import median_ms, time_interleaved
     from model import DiffusionTransformer
-    from trainer.loop import build_optimizer
+    from trainer.engine.build import build_optimizer
     from trainer.noise import global_batch_noise
-    from trainer.objective import DiffusionObjective
+    from trainer.engine.objective import DiffusionObjective
 
     torch.set_num_threads(args.threads)
     steps, moe_layers, ffn_layers, params = {}, {}, {}, {}
     for impl in impls:
         cfg = load_run_config(args, impl)
         t = cfg.train
-        model = DiffusionTransformer(cfg.model_config(), seed=t.seed)
+        model = DiffusionTransformer(cfg.model_config, seed=t.seed)
         obj = DiffusionObjective(model)
         opt = build_optimizer(list(obj.parameters()), cfg, ds={})   # the trainer's (fused) AdamW
         gen = torch.Generator().manual_seed(0)
@@ -525,7 +525,7 @@ def _engine_rank(rank: int, world: int, port: int, args, impls, queue) -> None:
 
     import torch
     import torch.distributed as dist
-    from trainer import loop
+    from trainer import loop, session
     from trainer.noise import global_batch_noise
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
@@ -544,7 +544,7 @@ def _engine_rank(rank: int, world: int, port: int, args, impls, queue) -> None:
             t = cfg.train
             per_rank = t.global_batch_size // world
             t.global_batch_size, t.micro_batch_size = per_rank * world, per_rank   # no accumulation
-            s = loop.setup(cfg, args.ds_config)
+            s = session.setup(cfg, args.ds_config)
             logging.getLogger("ecdlm").setLevel(logging.WARNING)
             times = {"forward": [], "backward": [], "engine.step": []}
 
@@ -553,7 +553,7 @@ def _engine_rank(rank: int, world: int, port: int, args, impls, queue) -> None:
                 mb = s.loader.next_micro_batch()
                 idx = mb.global_offsets
                 t0 = time.perf_counter()
-                loss, _, _ = s.engine(mb.tokens, u[idx], tu[idx])
+                loss = s.engine(mb.tokens, u[idx], tu[idx]).loss
                 t1 = time.perf_counter()
                 s.engine.backward(loss)
                 t2 = time.perf_counter()

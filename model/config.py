@@ -57,6 +57,9 @@ class MoEConfig:
     capacity_factor: Optional[float] = None   # None = dropless
     aux_loss_coef: float = 1e-2
     bias_update_rate: float = 0.0       # aux-loss-free expert bias; 0 disables it
+    # LLaDA-MoE's router: expert_bias is added to the probabilities and the sums are the gates
+    # (not selection-only); the bias is used even when bias_update_rate is 0 (an imported model)
+    expert_bias_in_gates: bool = False
 
 
 @dataclass
@@ -86,24 +89,32 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
+    """The model's whole config. Construction resolves it once (fills defaults, solves k_max for
+    `flop_match: solve`, builds the capacity schedule) and then validates it, which changes
+    nothing. `capacity` is that one schedule, handed to every expert-choice layer."""
     model: ModelArchConfig = field(default_factory=ModelArchConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
         validate_model(self.model)
-        validate_moe(self.moe)
         validate_diffusion(self.diffusion)
+        self.moe, capacity = resolve_moe(self.moe)
+        validate_moe(self.moe, capacity)
+        self._capacity = capacity   # not a dataclass field: it is derived, and never saved
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @property
+    def capacity(self):
+        """The expert-choice TimestepCapacity (None for token choice and dense)."""
+        return self._capacity
 
     # ---- parameter counts, from the config alone -------------------------------------------
     def param_counts(self) -> dict:
-        """Total parameters and parameters active per token (routed experts counted k times)."""
+        """Total parameters and parameters active per token (routed experts counted k times).
+
+        `active` counts both embedding tables; `active_compute` leaves out the input embedding (a
+        lookup, not a matmul) but keeps the output head, the convention model cards quote (e.g.
+        LLaDA-MoE-7B-A1B's "1.4B active")."""
         m, e = self.model, self.moe
         d, h_kv = m.d_model, (m.n_kv_heads or m.n_heads)
         head_dim = d // m.n_heads
@@ -119,6 +130,7 @@ class ModelConfig:
             + (m.n_layers - moe_layers) * per_layer_dense + moe_layers * (shared + router)
         return {"total": base + moe_layers * routed_total,
                 "active": base + moe_layers * routed_active,
+                "active_compute": base + moe_layers * routed_active - m.vocab_size * d,
                 "embedding": 2 * m.vocab_size * d}
 
 
@@ -135,6 +147,11 @@ def num_moe_layers(n_layers: int, e: MoEConfig) -> int:
     if e.router == "dense":
         return 0
     return sum(1 for i in range(n_layers) if is_moe_layer(i, e))
+
+
+def uses_expert_bias(e: MoEConfig) -> bool:
+    """Token choice with aux-loss-free balancing: the expert bias is used and updated."""
+    return e.router == "token_choice" and e.bias_update_rate > 0
 
 
 def is_moe_layer(i: int, e: MoEConfig) -> bool:
@@ -161,7 +178,43 @@ def validate_model(m: ModelArchConfig) -> None:
              f"model.logit_softcap={m.logit_softcap} must be > 0 or null (off)")
 
 
-def validate_moe(e: MoEConfig) -> None:
+def resolve_moe(e: MoEConfig):
+    """(resolved copy of `e`, its TimestepCapacity or None): capacity defaults filled from moe.k,
+    and for `flop_match: solve` the solved k_max written in, so the saved config reproduces it.
+    The input is not changed. Range errors found while resolving name the field."""
+    c = dataclasses.replace(e.capacity)
+    if c.k_target is None:
+        c.k_target = float(e.k)
+    if c.schedule == "static":   # k_b = k_target for every sequence; bounds are just that value
+        c.k_min = c.k_max = c.k_target
+    e = dataclasses.replace(e, capacity=c)
+    if e.router != "expert_choice":
+        return e, None
+    check_moe_fields(e)        # the schedule cannot be built from out-of-range values
+    check_capacity_ranges(e)
+    from .moe.capacity import FlopMatchError, build_capacity, solve_capacity
+    try:
+        cap = solve_capacity(e) if c.flop_match == "solve" else build_capacity(e)
+    except (FlopMatchError, ValueError) as err:
+        raise ConfigError(f"moe.capacity: {err}") from None
+    c.k_max = cap.k_max
+    return e, cap
+
+
+def validate_moe(e: MoEConfig, capacity=None) -> None:
+    """Checks a resolved MoEConfig (and, for expert choice, its schedule); changes nothing."""
+    check_moe_fields(e)
+    check_capacity_ranges(e)
+    if e.router == "expert_choice":
+        from .moe.capacity import FlopMatchError, check_flop_match
+        try:
+            check_flop_match(capacity, e.capacity)
+        except FlopMatchError as err:
+            raise ConfigError(f"moe.capacity: {err}") from None
+
+
+def check_moe_fields(e: MoEConfig) -> None:
+    """The moe section's own values, before capacity (whose defaults come from moe.k)."""
     _require(e.router in ("expert_choice", "token_choice", "dense"),
              f"moe.router={e.router!r} must be one of expert_choice, token_choice, dense")
     for name in ("num_experts", "expert_hidden", "k", "moe_every", "ep_size"):
@@ -176,23 +229,13 @@ def validate_moe(e: MoEConfig) -> None:
              f"moe.capacity_factor={e.capacity_factor} must be > 0 or null (dropless)")
     _require(e.z_loss_coef >= 0 and e.aux_loss_coef >= 0 and e.bias_update_rate >= 0,
              "moe.z_loss_coef, moe.aux_loss_coef and moe.bias_update_rate must be >= 0")
-    c = resolve_capacity(e)   # validates moe.capacity and fills its defaults
-    if e.router == "expert_choice":
-        from .moe.capacity import FlopMatchError, build_capacity
-        try:
-            cap = build_capacity(e)
-        except (FlopMatchError, ValueError) as err:
-            raise ConfigError(f"moe.capacity: {err}") from None
-        c.k_max = cap.k_max   # `solve` writes its answer back, so the saved config reproduces it
+    _require(not e.expert_bias_in_gates or e.router == "token_choice",
+             f"moe.expert_bias_in_gates=true needs moe.router=token_choice, not {e.router}")
 
 
-def resolve_capacity(e: MoEConfig) -> CapacityConfig:
-    """Fill capacity defaults from moe.k and check ranges; returns the (same) CapacityConfig."""
+def check_capacity_ranges(e: MoEConfig) -> None:
+    """moe.capacity's values are in range (after defaults are filled)."""
     c = e.capacity
-    if c.k_target is None:
-        c.k_target = float(e.k)
-    if c.schedule == "static":   # k_b = k_target for every sequence; bounds are just that value
-        c.k_min = c.k_max = c.k_target
     _require(c.k_min is not None and c.k_max is not None,
              f"moe.capacity.k_min and moe.capacity.k_max are required for schedule {c.schedule!r}")
     _require(c.k_min >= 1, f"moe.capacity.k_min={c.k_min:g} must be >= 1")
@@ -209,7 +252,6 @@ def resolve_capacity(e: MoEConfig) -> CapacityConfig:
         _require(rs[0] == 0.0 and rs[-1] == 1.0 and all(a < b for a, b in zip(rs, rs[1:])),
                  f"moe.capacity.points r values {rs} must increase strictly from 0 to 1")
         _require(all(0.0 <= float(p[1]) <= 1.0 for p in pts), "moe.capacity.points s values must be in [0, 1]")
-    return c
 
 
 def validate_diffusion(d: DiffusionConfig) -> None:

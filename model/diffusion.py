@@ -55,9 +55,10 @@ def mask_tokens(tokens_BL: torch.Tensor, t_B: torch.Tensor, token_u_BL: torch.Te
     token_u = token_u_BL.to(torch.float64)
     mask = (token_u < t_B.to(torch.float64)[:, None]) & maskable
     empty_B = (mask.sum(1) == 0) & maskable.any(1)
-    if bool(empty_B.any()):
-        first = token_u.masked_fill(~maskable, float("inf")).argmin(1)
-        mask[empty_B, first[empty_B]] = True
+    # unconditionally, with no `if empty_B.any()`: that branch would read a value back to the host
+    first_B = token_u.masked_fill(~maskable, float("inf")).argmin(1)
+    col_L = torch.arange(mask.shape[1], device=mask.device)
+    mask = mask | (empty_B[:, None] & (col_L[None, :] == first_B[:, None]))
     n_maskable = maskable.sum(1)
     ratio = mask.sum(1).to(torch.float32) / n_maskable.clamp_min(1).to(torch.float32)
     noisy = torch.where(mask, torch.full_like(tokens_BL, mask_id), tokens_BL)
@@ -84,8 +85,10 @@ def diffusion_loss(logits_NV: torch.Tensor, tokens_BL: torch.Tensor, masked: Mas
     factor, so low-ratio sequences cannot blow up the gradient.
     """
     mask = masked.mask_BL
-    nll_N = F.cross_entropy(logits_NV.float(), tokens_BL[mask], reduction="none")
-    inv_r_N = (1.0 / masked.ratio_B.clamp_min(1e-6))[:, None].expand_as(mask)[mask]
+    # the masked positions as flat indices, found once: each boolean index would sync on its own
+    pos_N = mask.reshape(-1).nonzero().squeeze(1)
+    nll_N = F.cross_entropy(logits_NV.float(), tokens_BL.reshape(-1)[pos_N], reduction="none")
+    inv_r_N = (1.0 / masked.ratio_B.clamp_min(1e-6))[pos_N // mask.shape[1]]
     n_tokens = masked.maskable_BL.sum()
     elbo = (nll_N * inv_r_N).sum() / n_tokens.clamp_min(1)
     if weighting == "elbo":
@@ -94,8 +97,8 @@ def diffusion_loss(logits_NV: torch.Tensor, tokens_BL: torch.Tensor, masked: Mas
         loss = nll_N.sum() / mask.sum().clamp_min(1)
     else:
         raise ValueError(f"loss_weighting={weighting!r} must be 'elbo' or 'uniform'")
-    nll_BL = torch.zeros(mask.shape, dtype=nll_N.dtype, device=nll_N.device)
-    nll_BL[mask] = nll_N.detach()
+    nll_BL = torch.zeros(mask.numel(), dtype=nll_N.dtype, device=nll_N.device)
+    nll_BL = nll_BL.index_put_((pos_N,), nll_N.detach()).view(mask.shape)
     return DiffusionLoss(loss, elbo.detach(), masked.ratio_B, nll_BL, mask, n_tokens)
 
 
@@ -112,15 +115,20 @@ def loss_by_ratio_bin(rec: DiffusionLoss, num_bins: int = 10) -> tuple[torch.Ten
     return num, cnt
 
 
-def forward_loss(model, tokens_BL: torch.Tensor, u_B: torch.Tensor, token_u_BL: torch.Tensor,
-                 valid_BL: Optional[torch.Tensor] = None, prompt_BL: Optional[torch.Tensor] = None):
-    """One diffusion training forward: mask, run the model on the noisy tokens, weigh the NLL.
+@dataclass
+class TrainingForward:
+    """One training forward: what to backpropagate, and the records it came from."""
+    loss: torch.Tensor         # diffusion loss + the MoE layers' weighted z-/balance losses
+    diffusion: DiffusionLoss
+    output: object             # the model's ModelOutput (logits at masked positions, MoE stats)
 
-    Returns (total loss to backpropagate, DiffusionLoss record, ModelOutput).
-    """
+
+def forward_loss(model, tokens_BL: torch.Tensor, u_B: torch.Tensor, token_u_BL: torch.Tensor,
+                 valid_BL: Optional[torch.Tensor] = None, prompt_BL: Optional[torch.Tensor] = None) -> TrainingForward:
+    """One diffusion training forward: mask, run the model on the noisy tokens, weigh the NLL."""
     cfg = model.cfg
     t_B = time_from_u(u_B, cfg.diffusion.eps).to(tokens_BL.device)
     masked = mask_tokens(tokens_BL, t_B, token_u_BL.to(tokens_BL.device), cfg.model.mask_id, valid_BL, prompt_BL)
     out = model(masked.noisy_BL, masked.ratio_B, valid_BL, logits_mask_BL=masked.mask_BL)
     rec = diffusion_loss(out.logits, tokens_BL, masked, cfg.diffusion.loss_weighting)
-    return rec.loss + out.aux_loss, rec, out
+    return TrainingForward(rec.loss + out.aux_loss, rec, out)

@@ -84,7 +84,7 @@ class Block(nn.Module):
         self.attn_norm, self.ffn_norm = RMSNorm(d, cfg.model.norm_eps), RMSNorm(d, cfg.model.norm_eps)
         self.attn = Attention(cfg)
         self.is_moe = is_moe_layer(layer_idx, cfg.moe)
-        self.ffn = (MoELayer(d, cfg.moe, ep_group, layer_idx, init_seed=None) if self.is_moe
+        self.ffn = (MoELayer(d, cfg.moe, ep_group, layer_idx, init_seed=None, capacity=cfg.capacity) if self.is_moe
                     else SwiGLU(d, dense_hidden(cfg.moe)))
 
     def forward(self, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL) -> BlockOutput:
@@ -158,7 +158,10 @@ class DiffusionTransformer(nn.Module):
                 stats.append(out.stats)
         h = self.norm(x_BLD)
         if logits_mask_BL is not None:
-            h = h[logits_mask_BL]                                          # [N, D]
+            # flat row indices (one sync: N depends on the data), then index_select, whose
+            # backward is an index_add; h[mask]'s backward would find the rows a second time
+            rows_N = logits_mask_BL.reshape(-1).nonzero().squeeze(1)
+            h = h.reshape(-1, h.shape[-1]).index_select(0, rows_N)        # [N, D]
         logits = self.head(h).float()
         if self.cfg.model.logit_softcap:
             cap = self.cfg.model.logit_softcap

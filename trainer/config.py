@@ -1,19 +1,21 @@
-"""The run configuration: the model's config (model, moe, diffusion) plus train, optim, data, eval
-and wandb sections. Built from a YAML preset and dotted `key=value` overrides, validated once;
-every error names the key. Batch size, accumulation, precision and clipping live here and only
+"""The run configuration: the model's config (YAML sections model, moe, diffusion, held as one
+ModelConfig) plus train, optim, data, eval and wandb sections. Built from a YAML preset and dotted
+`key=value` overrides, resolved once and validated; every error names the key. Batch size, accumulation, precision and clipping live here and only
 here: the DeepSpeed JSON says "auto" for them (see ds_config.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import yaml
 
-from model.config import (ConfigError, DiffusionConfig, ModelArchConfig, ModelConfig, MoEConfig, from_dict,
-                          validate_diffusion, validate_model, validate_moe)
+from model.config import ConfigError, ModelConfig, coerce, from_dict
+
+MODEL_SECTIONS = ("model", "moe", "diffusion")   # YAML sections that make up the ModelConfig
 
 
 @dataclass
@@ -55,13 +57,26 @@ class DataConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    """One on-the-fly multiple-choice task (evaluation/tasks.py), logged as eval/<name>/acc. Its
+    file is checked in the trainer's preflight, not here, so an old run's config still loads."""
+    name: str = ""
+    path: str = ""                            # JSON lines: question/context, choices, answer
+    mode: Literal["single_mask", "likelihood"] = "single_mask"
+    every: int = 1                            # steps between evaluations
+    limit: Optional[int] = None               # first N questions only
+    mc_num: int = 16                          # Monte-Carlo samples per choice (likelihood)
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     batches: int = 4                          # validation batches per evaluation
     batch_size: int = 8
     num_ratio_points: int = 10                # fixed grid of mask ratios, one per bin centre
     seed: int = 0
-    # on-the-fly multiple choice: [{name, path (JSON lines), mode: single_mask|likelihood, every}]
-    tasks: list = field(default_factory=list)
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -75,9 +90,7 @@ class WandbConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelArchConfig = field(default_factory=ModelArchConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model_config: ModelConfig = field(default_factory=ModelConfig)   # YAML: model, moe, diffusion
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -85,20 +98,46 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
-        validate_model(self.model)
-        validate_moe(self.moe)
-        validate_diffusion(self.diffusion)
         validate_train(self)
 
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(self.model, self.moe, self.diffusion)
+    # the model's sections, read through the one ModelConfig that holds them
+    @property
+    def model(self):
+        return self.model_config.model
+
+    @property
+    def moe(self):
+        return self.model_config.moe
+
+    @property
+    def diffusion(self):
+        return self.model_config.diffusion
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The YAML form: the model's three sections first, then the run's."""
+        out = dataclasses.asdict(self.model_config)
+        out.update({f.name: dataclasses.asdict(getattr(self, f.name))
+                    for f in dataclasses.fields(self) if f.name != "model_config"})
+        return out
 
     @property
     def run_dir(self) -> str:
         return self.train.output_dir or os.path.join("runs", self.train.run_name)
+
+
+def run_config_from_dict(tree: dict) -> RunConfig:
+    """RunConfig from the YAML tree: the model sections become one (resolved) ModelConfig."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(tree).__name__}")
+    run_fields = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "model_config"}
+    unknown = sorted(set(tree) - set(run_fields) - set(MODEL_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]}; known keys under the top level: "
+                          f"{', '.join(sorted((*MODEL_SECTIONS, *run_fields)))}")
+    model_config = from_dict(ModelConfig, {k: tree[k] for k in MODEL_SECTIONS if k in tree})
+    hints = typing.get_type_hints(RunConfig)
+    sections = {k: coerce(hints[k], v, k) for k, v in tree.items() if k in run_fields}
+    return RunConfig(model_config=model_config, **sections)
 
 
 def validate_train(cfg: RunConfig) -> None:
@@ -120,9 +159,24 @@ def validate_train(cfg: RunConfig) -> None:
         raise ConfigError("optim: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, 0 < decay_fraction <= 1")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
-    if cfg.eval.tasks:
-        from .mc_eval import check_tasks
-        check_tasks(cfg.eval.tasks)
+    validate_tasks(cfg.eval.tasks)
+
+
+def validate_tasks(tasks: list, prefix: str = "eval.tasks") -> None:
+    """The task specs' own values (their files are checked in the trainer's preflight)."""
+    names = set()
+    for i, task in enumerate(tasks):
+        where = f"{prefix}[{i}]"
+        for key in ("name", "path"):
+            if not getattr(task, key):
+                raise ConfigError(f"{where}.{key} is required (a string)")
+        if task.name in names:
+            raise ConfigError(f"{where}.name={task.name!r} is used twice; metrics are eval/<name>/acc")
+        names.add(task.name)
+        for key in ("every", "limit", "mc_num", "batch_size"):
+            v = getattr(task, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"{where}.{key}={v!r} must be an integer >= 1")
 
 
 # ---- YAML + overrides --------------------------------------------------------------------------
@@ -158,13 +212,11 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     for item in overrides:
         apply_override(tree, *parse_override(item))
-    return from_dict(RunConfig, tree)
+    return run_config_from_dict(tree)
 
 
-def save_config(cfg: RunConfig, path: str, extra: Optional[dict] = None) -> None:
+def save_config(cfg: RunConfig, path: str) -> None:
     data = cfg.to_dict()
-    if extra:
-        data.update(extra)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)

@@ -11,7 +11,6 @@ import math
 import os
 import time
 import uuid
-from typing import Optional
 
 log = logging.getLogger("ecdlm")
 
@@ -102,7 +101,6 @@ class WandbSink:
                               dir=run_dir, config=cfg.to_dict())
         self.run.define_metric("tokens")
         self.run.define_metric("*", step_metric="tokens")
-        self.run_id = run_id
 
     def log(self, row: dict) -> None:
         self.run.log({k: v for k, v in row.items() if v is not None})
@@ -127,14 +125,11 @@ class Metrics:
                 s.close()
 
 
-def build_metrics(cfg, run_dir: str, rank: int, start_step: int) -> tuple[Metrics, Optional[str]]:
+def build_metrics(cfg, run_dir: str, rank: int, start_step: int) -> Metrics:
     if rank != 0:
-        return Metrics([]), None
+        return Metrics([])
     sinks = [ConsoleSink(cfg.train.max_steps, start_step), JsonlSink(os.path.join(run_dir, "metrics.jsonl"), start_step)]
     mode = wandb_mode(cfg.wandb.mode)
-    run_id = None
     if mode != "disabled":
-        sink = WandbSink(cfg, run_dir, mode)
-        sinks.append(sink)
-        run_id = sink.run_id
-    return Metrics(sinks), run_id
+        sinks.append(WandbSink(cfg, run_dir, mode))
+    return Metrics(sinks)

@@ -16,6 +16,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from .distributed import comm_device
+
 EXIT_REQUEUE = 85
 EXIT_STOPPED = 86
 _CODES = {signal.SIGUSR1: EXIT_REQUEUE, signal.SIGTERM: EXIT_STOPPED}
@@ -40,8 +42,3 @@ class PreemptionWatcher:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         requeue, stop = flags.tolist()
         return EXIT_REQUEUE if requeue else EXIT_STOPPED if stop else 0
-
-
-def comm_device() -> torch.device:
-    """Where collective tensors must live: the GPU under NCCL, the CPU under gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -135,18 +135,28 @@ def solve_k_max(cap: TimestepCapacity, k_target: float, k_limit: float, tol: flo
 
 
 def build_capacity(moe_cfg) -> TimestepCapacity:
-    """TimestepCapacity from a MoEConfig, FLOP-matched per `moe.capacity.flop_match`."""
+    """The TimestepCapacity exactly as `moe.capacity` states it (no solving, no check)."""
     c = moe_cfg.capacity
-    cap = TimestepCapacity(c.schedule, c.k_min, c.k_max, sigma=c.sigma, points=c.points,
-                           k_static=c.k_target)
-    if c.schedule == "static" or c.flop_match == "off":
+    return TimestepCapacity(c.schedule, c.k_min, c.k_max, sigma=c.sigma, points=c.points,
+                            k_static=c.k_target)
+
+
+def solve_capacity(moe_cfg) -> TimestepCapacity:
+    """`flop_match: solve`: the schedule with the smallest k_max that matches moe.capacity.k_target."""
+    cap = build_capacity(moe_cfg)
+    if cap.schedule == "static":
         return cap
-    if c.flop_match == "solve":
-        return solve_k_max(cap, c.k_target, moe_cfg.num_experts)
+    return solve_k_max(cap, moe_cfg.capacity.k_target, moe_cfg.num_experts)
+
+
+def check_flop_match(cap: TimestepCapacity, c) -> None:
+    """Raises FlopMatchError when `flop_match` is check (or solve) and the expected k of `cap`
+    misses `c.k_target` by more than 1%. Changes nothing."""
+    if c.schedule == "static" or c.flop_match == "off":
+        return
     ek = cap.expected_k()
     if abs(ek - c.k_target) > 0.01 * c.k_target:
         raise FlopMatchError(
             f"schedule {c.schedule!r} with k_min={c.k_min:g}, k_max={c.k_max:g} has "
             f"expected k={ek:.3f}, but moe.capacity.k_target={c.k_target:g} (differs by more than 1%); "
             f"set moe.capacity.flop_match=solve to adjust k_max, or flop_match=off to accept it")
-    return cap

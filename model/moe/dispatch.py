@@ -20,7 +20,7 @@ Global expert e lives on rank e // El, so each rank's experts are one contiguous
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -29,11 +29,28 @@ from .routing import Routing
 
 
 @dataclass
+class FixedExchange:
+    """What combine() needs to undo a fixed-capacity dispatch: the local capacity C and every
+    source rank's capacity."""
+    capacity: int
+    source_capacities: list
+
+
+@dataclass
+class RaggedExchange:
+    """What combine() needs to undo a ragged (TC dropless) dispatch: the rows sent to and received
+    from each rank, and the permutation that grouped the received rows by local expert."""
+    send: list
+    recv: list
+    perm: torch.Tensor
+
+
+@dataclass
 class ExpertBatch:
     """Rows for this rank's experts: x is [El, C, D] (fixed capacity) or [N, D] with counts [El]."""
     x: torch.Tensor
     counts: Optional[torch.Tensor] = None
-    ctx: Any = None   # what combine() needs to undo dispatch()
+    ctx: Union[FixedExchange, RaggedExchange, None] = None   # None: a one-process dispatch
     gate: Optional[torch.Tensor] = None   # [El, C] or [N]: gates not yet applied to the rows
     overlapped: Any = None   # what dispatch()'s `meanwhile` returned
 
@@ -188,7 +205,7 @@ class AllToAllDispatcher:
         caps = self._capacities(C, routing.capacity_static, x_TD.device)
         recv, side = all_to_all_overlapped(x_ECD.reshape(E * C, D), [El * c for c in caps], [El * C] * self.ep,
                                            self.group, meanwhile)
-        return ExpertBatch(self._expert_major(recv, caps, D), ctx=(C, caps), overlapped=side)   # gates stay here
+        return ExpertBatch(self._expert_major(recv, caps, D), ctx=FixedExchange(C, caps), overlapped=side)   # gates stay here
 
     def _expert_major(self, recv: torch.Tensor, caps: list, D: int) -> torch.Tensor:
         """recv holds, per source rank p, [El, C_p, D]; each local expert takes all sources' rows:
@@ -210,7 +227,7 @@ class AllToAllDispatcher:
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         if not routing.fixed:
             return self._combine_ragged(y, routing)
-        (C, caps), (El, _, D) = y.ctx, y.x.shape
+        C, caps, (El, _, D) = y.ctx.capacity, y.ctx.source_capacities, y.x.shape
         back = self._source_major(gated_rows(y), caps)
         y_ECD = all_to_all(back, [El * C] * self.ep, [El * c for c in caps], self.group)
         return scatter_tokens(times_gate(y_ECD.view(-1, C, D), routing.gate), routing, routing.num_tokens)
@@ -228,10 +245,10 @@ class AllToAllDispatcher:
         expert_of_row = torch.repeat_interleave(torch.arange(El, device=rows.device).repeat(ep),
                                                 recv_counts_pe.reshape(-1))
         perm = torch.argsort(expert_of_row, stable=True)         # regroup by local expert
-        return ExpertBatch(rows[perm], recv_counts_pe.sum(0), ctx=(send, recv, perm), overlapped=side)
+        return ExpertBatch(rows[perm], recv_counts_pe.sum(0), ctx=RaggedExchange(send, recv, perm), overlapped=side)
 
     def _combine_ragged(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
-        send, recv, perm = y.ctx
+        send, recv, perm = y.ctx.send, y.ctx.recv, y.ctx.perm
         rows = gated_rows(y)
         rows = torch.empty_like(rows).index_copy(0, perm, rows)  # undo the regrouping
         y_ND = all_to_all(rows, send, recv, self.group)

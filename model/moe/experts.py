@@ -6,6 +6,7 @@ F = 2H (gate and up projections fused into one matmul).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -192,7 +193,7 @@ class Experts(nn.Module):
         """Rows grouped by expert, counts_E rows each (token-choice dropless)."""
         w_in, w_out = self.w_in_EDF.to(x_ND.dtype), self.w_out_EHD.to(x_ND.dtype)
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        if grouped_mm_supported(x_ND):
+        if grouped_mm_supported(x_ND) and not _LOOP_ONLY[0]:
             h_NF = _grouped(x_ND, w_in, offs)
             return _grouped(swiglu(h_NF, gate_N), w_out, offs)
         counts = counts_E.tolist()
@@ -209,6 +210,18 @@ def _grouped(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs: torch.Tensor) -> tor
 
 
 _GROUPED_OK: dict = {}
+_LOOP_ONLY = [False]
+
+
+@contextlib.contextmanager
+def grouped_mm_disabled():
+    """Ragged experts take the per-expert loop even where torch._grouped_mm runs: the reference
+    the grouped path is checked against (benchmarks/gpu_check.py)."""
+    _LOOP_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _LOOP_ONLY[0] = False
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..config import MoEConfig, shared_hidden, validate_moe
-from .capacity import TimestepCapacity, build_capacity
+from ..config import MoEConfig, resolve_moe, shared_hidden, uses_expert_bias, validate_moe
+from .capacity import TimestepCapacity
 from .dispatch import AllToAllDispatcher, LocalDispatcher
 from .experts import Experts, SwiGLU
 from .routing import Routing, at_least_fp32, expert_choice, switch_aux_loss, token_choice, token_scores, \
@@ -35,11 +35,6 @@ class MoEStats:
     z_loss: torch.Tensor
     aux_loss: torch.Tensor
 
-    @property
-    def load_cv(self) -> torch.Tensor:
-        load = self.tokens_per_expert.float()
-        return load.std(unbiased=False) / load.mean().clamp_min(1e-9)
-
 
 @dataclass
 class MoEOutput:
@@ -50,12 +45,16 @@ class MoEOutput:
 
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None, layer_idx: int = 0,
-                 init_seed: Optional[int] = 0):
-        """init_seed: seed for the expert weights (None: the enclosing model initializes them)."""
+                 init_seed: Optional[int] = 0, capacity: Optional[TimestepCapacity] = None):
+        """init_seed: seed for the expert weights (None: the enclosing model initializes them).
+        capacity: the run's expert-choice schedule, built once by ModelConfig (with `cfg` already
+        resolved); a drop-in layer given none resolves and validates its own config."""
         super().__init__()
         if cfg.router == "dense":
             raise ValueError("MoELayer needs moe.router expert_choice or token_choice, not dense")
-        validate_moe(cfg)   # a drop-in layer validates its own config (fills capacity defaults)
+        if capacity is None:
+            cfg, capacity = resolve_moe(cfg)
+            validate_moe(cfg, capacity)
         self.cfg, self.d_model, self.layer_idx = cfg, d_model, layer_idx
         E = cfg.num_experts
         ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -66,9 +65,9 @@ class MoELayer(nn.Module):
         self.experts = Experts(num_local, d_model, cfg.expert_hidden, first_expert=ep_rank * num_local)
         self.shared = (SwiGLU(d_model, cfg.num_shared_experts * shared_hidden(cfg))
                        if cfg.num_shared_experts else None)
-        self.capacity: TimestepCapacity = build_capacity(cfg)
+        self.capacity: Optional[TimestepCapacity] = capacity   # None for token choice
         # a static schedule's k is a constant: resolve it once, not every forward
-        self.static_k = (int(self.capacity.k(torch.zeros(1))[0]) if self.capacity.schedule == "static"
+        self.static_k = (int(capacity.k(torch.zeros(1))[0]) if capacity is not None and capacity.schedule == "static"
                          else None)
         # aux-loss-free balancing (TC): selection-only bias, a buffer so checkpoints keep it
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
@@ -119,9 +118,11 @@ class MoELayer(nn.Module):
             return expert_choice(logits_BLE, k, valid_BL, self.cfg.ec_scope, self.cfg.gate_scaling), zero
         logits_TE = logits_BLE.reshape(B * L, E)
         valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
-        bias = self.expert_bias if self.cfg.bias_update_rate > 0 else None
+        use_bias = self.cfg.bias_update_rate > 0 or self.cfg.expert_bias_in_gates
+        bias = self.expert_bias if use_bias else None
         routing = token_choice(logits_TE, self.cfg.k, self.cfg.capacity_factor, score_fn=self.cfg.score_fn,
-                               renormalize=self.cfg.renormalize, expert_bias=bias, valid_T=valid_T)
+                               renormalize=self.cfg.renormalize, expert_bias=bias,
+                               bias_in_gates=self.cfg.expert_bias_in_gates, valid_T=valid_T)
         aux = (switch_aux_loss(token_scores(logits_TE, self.cfg.score_fn), routing, valid_T)
                if self.cfg.aux_loss_coef > 0 else zero)
         return routing, aux
@@ -136,6 +137,6 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self, load_E: torch.Tensor) -> None:
-        """Once per optimizer step, with the load summed over micro-batches and ranks."""
-        if self.cfg.router == "token_choice" and self.cfg.bias_update_rate > 0:
-            update_expert_bias(self.expert_bias, load_E, self.cfg.bias_update_rate)
+        """Once per optimizer step, with the load summed over micro-batches and ranks (the
+        trainer's ExpertBiasBalancer calls it only when the bias is in use)."""
+        update_expert_bias(self.expert_bias, load_E, self.cfg.bias_update_rate)

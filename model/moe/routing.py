@@ -54,7 +54,8 @@ class Routing:
         """Valid (token, expert) pairs actually computed: the FLOP count's multiplier."""
         if self.slot_valid is not None:
             return self.slot_valid.sum()
-        return torch.tensor(self.token_idx.numel(), device=self.token_idx.device)
+        # torch.full, not torch.tensor: a fill kernel, where a copy from host memory would sync
+        return torch.full((), self.token_idx.numel(), dtype=torch.long, device=self.token_idx.device)
 
     def _dense(self, values: torch.Tensor, fill) -> torch.Tensor:
         T, E = self.num_tokens, self.num_experts
@@ -98,12 +99,14 @@ def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
     if valid_BL is not None:   # pads can never win a top-c
         scores_BLE = scores_BLE.masked_fill(~valid_BL[..., None], float("-inf"))
     L_B = valid_BL.sum(1).long() if valid_BL is not None else torch.full((B,), L, device=dev)
-    k_B = torch.as_tensor(k_B, device=dev).long().expand(B)
+    k_static = k_B if static else None   # stays a Python int: reading it back would sync
+    k_B = (torch.full((B,), k_B, dtype=torch.long, device=dev) if isinstance(k_B, int)
+           else k_B.to(dev).long().expand(B))
 
     if scope == "sequence":
-        idx_EC = _per_sequence_topc(scores_BLE, L_B, k_B, static)
+        idx_EC = _per_sequence_topc(scores_BLE, L_B, k_B, k_static)
     elif scope == "batch":
-        c = max(B * L * int(k_B[0]) // E, 1) if static else int(ec_capacity((L_B * k_B).sum(), 1, E))
+        c = max(B * L * k_static // E, 1) if static else int(ec_capacity((L_B * k_B).sum(), 1, E))
         idx_EC = scores_BLE.reshape(B * L, E).t().topk(c, dim=-1, sorted=False).indices   # [E, C]
     else:
         raise ValueError(f"ec_scope={scope!r} must be 'sequence' or 'batch'")
@@ -119,20 +122,29 @@ def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
 
 
 def _per_sequence_topc(scores_BLE: torch.Tensor, L_B: torch.Tensor, k_B: torch.Tensor,
-                       static: bool) -> torch.Tensor:
+                       k_static: Optional[int]) -> torch.Tensor:
     """[E, C] flat token indices, C = sum_b c_b: expert e's picks from every sequence, in order."""
     B, L, E = scores_BLE.shape
     offset_B11 = (torch.arange(B, device=scores_BLE.device) * L)[:, None, None]
-    if static:   # every sequence has the same c: one topk, no host sync
-        c = max(L * int(k_B[0]) // E, 1)
+    if k_static is not None:   # every sequence has the same c: one topk, no host sync
+        c = max(L * k_static // E, 1)
         tok_BEc = scores_BLE.transpose(1, 2).topk(c, dim=-1, sorted=False).indices + offset_B11
         return tok_BEc.permute(1, 0, 2).reshape(E, B * c)                       # [E, B*c]
     c_B = ec_capacity(L_B, k_B, E)
-    c_max = int(c_B.max())   # shapes depend on it: one host sync per layer
+    # shapes depend on the capacities: their max and sum, read in the layer's one host sync
+    c_max, C = torch.stack([c_B.max(), c_B.sum()]).tolist()
     # sorted, so the first c_b of the c_max candidates are sequence b's top c_b
     tok_BEc = scores_BLE.transpose(1, 2).topk(c_max, dim=-1, sorted=True).indices + offset_B11
     keep_Bc = torch.arange(c_max, device=c_B.device)[None, :] < c_B[:, None]
-    return tok_BEc.permute(1, 0, 2)[:, keep_Bc]                                  # [E, sum_b c_b]
+    # the kept columns in order, with C known: a stable sort puts them first (a boolean index
+    # would read the count back a second time)
+    cols = torch.argsort((~keep_Bc).reshape(-1).to(torch.int32), stable=True)[:C]
+    return tok_BEc.permute(1, 0, 2).reshape(E, B * c_max).index_select(1, cols)    # [E, sum_b c_b]
+
+
+def count_per_index(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """bincount with a fixed length: CUDA's bincount reads max(idx) back to size its output."""
+    return torch.zeros(size, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
 
 
 def sparse_softmax_gates(scores_TE: torch.Tensor, idx_EC: torch.Tensor,
@@ -152,7 +164,7 @@ def sparse_softmax_gates(scores_TE: torch.Tensor, idx_EC: torch.Tensor,
     ex = torch.exp(s - max_T[tok])
     sum_T = ex.new_zeros(T).index_add_(0, tok, ex)
     gate_EC = (ex / sum_T[tok]).view_as(idx_EC)
-    n_T = torch.bincount(tok, minlength=T)
+    n_T = count_per_index(tok, T)
     if gate_scaling:
         gate_EC = gate_EC * gate_scale_table(E, device=gate_EC.device)[n_T[idx_EC]]
     return gate_EC, n_T
@@ -182,20 +194,21 @@ def gate_scale_table(num_experts: int, device=None) -> torch.Tensor:
 # ---- token choice --------------------------------------------------------------------------------
 def token_choice(logits_TE: torch.Tensor, k: int, capacity_factor: Optional[float] = None, *,
                  score_fn: str = "softmax", renormalize: bool = True,
-                 expert_bias: Optional[torch.Tensor] = None,
+                 expert_bias: Optional[torch.Tensor] = None, bias_in_gates: bool = False,
                  valid_T: Optional[torch.Tensor] = None) -> Routing:
     """Each token picks its top-k experts (the autoregressive-MoE baseline).
 
     `expert_bias` [E] is added to the scores for *selection only* (aux-loss-free balancing); gates
-    use the unbiased scores. With `capacity_factor`, expert e keeps at most
-    C = ceil(T k / E * cf) assignments, dropping those with the lowest scores; None is dropless.
+    use the unbiased scores, unless `bias_in_gates`: then the biased sums are the gates too, as in
+    LLaDA-MoE's released router (softmax + expert_bias, top-k on the sum). With `capacity_factor`,
+    expert e keeps at most C = ceil(T k / E * cf) assignments, dropping those with the lowest scores; None is dropless.
     """
     T, E = logits_TE.shape
     dev = logits_TE.device
     probs_TE = token_scores(logits_TE, score_fn)
     select_TE = probs_TE if expert_bias is None else probs_TE + expert_bias.to(probs_TE)
     top_Tk = select_TE.topk(k, dim=-1).indices
-    w_Tk = probs_TE.gather(1, top_Tk)
+    w_Tk = (select_TE if bias_in_gates else probs_TE).gather(1, top_Tk)
     if renormalize:
         w_Tk = w_Tk / w_Tk.sum(-1, keepdim=True).clamp_min(1e-20)
 
@@ -204,12 +217,13 @@ def token_choice(logits_TE: torch.Tensor, k: int, capacity_factor: Optional[floa
     w_N, score_N = w_Tk.reshape(-1), select_TE.gather(1, top_Tk).reshape(-1).detach()
     if valid_T is not None:   # pads route nowhere: send them to a sentinel expert E, then drop
         expert_N = torch.where(valid_T.repeat_interleave(k), expert_N, torch.full_like(expert_N, E))
-    load_E = torch.bincount(expert_N, minlength=E + 1)[:E]
-    n_valid = valid_T.sum() if valid_T is not None else torch.tensor(T, device=dev)
+    load_E = count_per_index(expert_N, E + 1)[:E]
+    n_valid = valid_T.sum() if valid_T is not None else torch.full((), T, dtype=torch.long, device=dev)
     common = dict(shape=(T,), num_experts=E, tokens_per_expert=load_E.float(), num_valid_tokens=n_valid)
 
     if capacity_factor is None:
-        order = torch.argsort(expert_N, stable=True)[: int(load_E.sum())]   # sentinel sorts last
+        n = T * k if valid_T is None else int(load_E.sum())   # with pads, a host sync
+        order = torch.argsort(expert_N, stable=True)[:n]   # sentinel sorts last
         return Routing(token_idx=token_N[order], gate=w_N[order], counts=load_E,
                        drop_frac=torch.zeros((), device=dev), **common)
 
@@ -219,16 +233,17 @@ def token_choice(logits_TE: torch.Tensor, k: int, capacity_factor: Optional[floa
     order = by_score[torch.argsort(expert_N[by_score], stable=True)]
     e_sorted = expert_N[order]
     start_E = torch.cumsum(load_E, 0) - load_E
-    rank = torch.arange(order.numel(), device=dev) - torch.cat([start_E, start_E.new_tensor([0])])[e_sorted]
+    rank = torch.arange(order.numel(), device=dev) - torch.cat([start_E, start_E.new_zeros(1)])[e_sorted]
     keep = (rank < C) & (e_sorted < E)
-    slot = e_sorted[keep] * C + rank[keep]
-    idx_EC = torch.zeros(E * C, dtype=torch.long, device=dev)
-    gate_EC = torch.zeros(E * C, dtype=w_N.dtype, device=dev)
-    valid_EC = torch.zeros(E * C, dtype=torch.bool, device=dev)
-    idx_EC[slot], gate_EC = token_N[order][keep], gate_EC.index_put((slot,), w_N[order][keep])
-    valid_EC[slot] = True
+    # dropped assignments write to one extra slot, cut off below: fixed shapes, no host sync (a
+    # boolean index would read its count back); the cut slot's gradient is zero
+    slot = torch.where(keep, e_sorted * C + rank, E * C)
+    idx_EC = torch.zeros(E * C + 1, dtype=torch.long, device=dev).index_put_((slot,), token_N[order])
+    gate_EC = torch.zeros(E * C + 1, dtype=w_N.dtype, device=dev).index_put((slot,), w_N[order])
+    valid_EC = torch.zeros(E * C + 1, dtype=torch.bool, device=dev).index_put_((slot,), keep)
     dropped = load_E.sum() - keep.sum()
-    return Routing(token_idx=idx_EC.view(E, C), gate=gate_EC.view(E, C), slot_valid=valid_EC.view(E, C),
+    return Routing(token_idx=idx_EC[:E * C].view(E, C), gate=gate_EC[:E * C].view(E, C),
+                   slot_valid=valid_EC[:E * C].view(E, C),
                    capacity_static=True, drop_frac=dropped / load_E.sum().clamp_min(1), **common)
 
 

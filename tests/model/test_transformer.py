@@ -85,7 +85,8 @@ def test_tiny_model_overfits_one_batch(router):
     u, token_u = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64), torch.rand(4, 32, generator=g, dtype=torch.float64)
     elbos = []
     for _ in range(300):
-        loss, rec, out = forward_loss(model, tokens, u, token_u)
+        res = forward_loss(model, tokens, u, token_u)
+        loss, rec, out = res.loss, res.diffusion, res.output
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -102,7 +103,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     grads = []
     for ckpt in (False, True):
         model = DiffusionTransformer(tiny(activation_checkpointing=ckpt), seed=5).train()
-        loss, _, _ = forward_loss(model, tokens, u, token_u)
+        loss = forward_loss(model, tokens, u, token_u).loss
         loss.backward()
         grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)

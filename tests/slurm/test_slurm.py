@@ -324,12 +324,6 @@ def test_capacity_sweep_array_overrides(slurm_cluster, tmp_path):
 
 
 # ----------------------------------------------------------------------------- real trainer
-HAS_TRAINER = (REPO / "trainer" / "main.py").exists()
-needs_trainer = pytest.mark.skipif(
-    not HAS_TRAINER,
-    reason="trainer/main.py does not exist yet: the real-trainer SLURM tests (tiny preset on 2 "
-           "nodes, SIGUSR1 -> checkpoint -> requeue -> identical losses, capacity sweep) are "
-           "written against the trainer contract in slurm/README.md and run once it lands")
 REAL_STEPS = 12
 TINY = {"CONFIG": "configs/tiny.yaml", "DS_CONFIG": "ds_configs/zero2.json"}
 # log_every=1: train/loss is averaged over the steps since the last log line, so only per-step
@@ -369,7 +363,6 @@ def reference_run(slurm_cluster, tmp_path_factory):
     return info, out, run_dir
 
 
-@needs_trainer
 def test_real_trainer_two_nodes_to_completion(reference_run):
     info, out, run_dir = reference_run
     _assert_state(info, "COMPLETED", out)
@@ -380,7 +373,6 @@ def test_real_trainer_two_nodes_to_completion(reference_run):
     assert "training finished (status 0)" in out.read_text()
 
 
-@needs_trainer
 def test_real_trainer_usr1_requeue_resumes_identically(slurm_cluster, reference_run, tmp_path):
     ref_info, ref_out, ref_dir = reference_run
     _assert_state(ref_info, "COMPLETED", ref_out)
@@ -421,7 +413,6 @@ def _tiny_k() -> int:
         return 2
 
 
-@needs_trainer
 @pytest.mark.slow
 def test_real_capacity_sweep_one_task_per_schedule(slurm_cluster, tmp_path):
     k = _tiny_k()

@@ -29,7 +29,7 @@ def test_overrides_reach_every_section():
 @pytest.mark.parametrize("preset", ["tiny", "owt_ec", "owt_tc", "ec_8b_a1b"])
 def test_presets_validate(preset):
     cfg = load_config(f"configs/{preset}.yaml")
-    counts = cfg.model_config().param_counts()
+    counts = cfg.model_config.param_counts()
     assert counts["active"] < counts["total"]
     if preset == "owt_ec":
         assert (cfg.model.n_layers, cfg.model.d_model, cfg.moe.num_experts, cfg.moe.expert_hidden) == (16, 512, 512, 384)

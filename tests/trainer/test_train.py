@@ -69,7 +69,7 @@ def test_checkpoint_holds_every_expert_exactly_once(runs):
     assert [s["first_expert"] for s in shards] == [0, 8]
     for key in shards[0]["tensors"]:
         assert all(s["tensors"][key].shape[0] == 8 for s in shards), key
-    from trainer.checkpoint import full_model_state
+    from evaluation.loading import full_model_state
     state = full_model_state(str(ckpt))
     w = [v for k, v in state.items() if k.endswith("experts.w_in_EDF")]
     assert len(w) == 4 and all(t.shape[0] == 16 for t in w)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from trainer.checkpoint import COMPLETE, find_checkpoint, prune
+from trainer.checkpoints import COMPLETE, find_checkpoint, prune
 from trainer.schedule import lr_multiplier
 
 

@@ -144,10 +144,6 @@ class PackedLoader:
     def micro_step(self) -> int:
         return self._micro_step
 
-    @property
-    def epoch(self) -> float:
-        return self._step * self.global_batch_size / self.num_sequences
-
     def positions(self, step: int, micro_step: int) -> np.ndarray:
         """Global sequence positions of this rank's micro-batch."""
         return self._layout.positions(step, micro_step)

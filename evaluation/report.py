@@ -1,6 +1,6 @@
 """Figures and one HTML page comparing runs, from their metrics.jsonl and config.yaml (no network).
 
-    python -m trainer.report RUN_DIR [RUN_DIR ...] --out DIR [--name LABEL ...] [--smooth 5]
+    python -m evaluation.report RUN_DIR [RUN_DIR ...] --out DIR [--name LABEL ...] [--smooth 5]
 
 Writes DIR/index.html and these PNGs (a figure whose data no run has is skipped and the page
 says so):
@@ -255,8 +255,7 @@ def capacity_curves(run: Run) -> Optional[tuple]:
     if m.router == "token_choice":
         return r, np.full_like(r, m.k), float(m.k), f"token choice top-{m.k}"
     import torch
-    from model.moe import build_capacity
-    cap = build_capacity(m)
+    cap = run.cfg.model_config.capacity   # the run's one schedule, built when its config loaded
     k = cap.k(torch.as_tensor(r)).numpy().astype(float)
     return r, k, cap.expected_k(), f"{cap.schedule}, k in [{cap.k_min:g}, {cap.k_max:g}]"
 

@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tests.eval.conftest import FixedLogits, tiny_config, tiny_model
-from trainer.likelihood import elbo_loglik, random_subsets, stratified_counts
+from tests.evaluation.conftest import FixedLogits, tiny_config, tiny_model
+from evaluation.likelihood import elbo_loglik, random_subsets, stratified_counts
 
 PROMPT, ANSWER = [5, 6, 7], [8, 9, 10]
 

@@ -11,32 +11,25 @@
             COMPLETE               written by rank 0 after a barrier: every rank has finished
         latest                     names the newest COMPLETE checkpoint (atomic replace)
 
-DeepSpeed saves MoE expert weights only for its own MoE class (see trainer/parallel.py) and drops
+DeepSpeed saves MoE expert weights only for its own MoE class (see trainer/engine/parallel.py) and drops
 every state-dict key containing "expert" from its module file, so experts and expert biases are
 saved here. Resuming needs the same world size and moe.ep_size (ZeRO partitions are per rank);
 inference loading (`load_model_for_inference`) works from any checkpoint on one process.
 """
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import random
 import shutil
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import DiffusionTransformer
+from trainer.checkpoints import COMPLETE, prune, tag_for
 
 log = logging.getLogger("ecdlm")
-COMPLETE = "COMPLETE"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def expert_state(model) -> dict:
@@ -98,39 +91,7 @@ def save_checkpoint(engine, model, run_dir: str, step: int, client_state: dict, 
     return path
 
 
-def complete_checkpoints(root: str) -> list:
-    dirs = sorted(d for d in glob.glob(os.path.join(root, "step_*")) if os.path.exists(os.path.join(d, COMPLETE)))
-    return dirs
 
-
-def prune(root: str, keep_last: int) -> None:
-    done = complete_checkpoints(root)
-    newest = done[-1] if done else None
-    for d in done[:-keep_last]:
-        shutil.rmtree(d, ignore_errors=True)
-    for d in glob.glob(os.path.join(root, "step_*")):   # incomplete leftovers older than the newest
-        if newest and d < newest and not os.path.exists(os.path.join(d, COMPLETE)):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def find_checkpoint(run_dir: str, resume: str) -> Optional[str]:
-    """auto: the newest COMPLETE checkpoint of the run (None if there is none); never: None;
-    anything else: that checkpoint directory, which must be complete."""
-    if resume == "never":
-        return None
-    if resume != "auto":
-        if not os.path.exists(os.path.join(resume, COMPLETE)):
-            raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint directory "
-                                    f"(no {COMPLETE} marker)")
-        return resume
-    root = os.path.join(run_dir, "checkpoints")
-    latest = os.path.join(root, "latest")
-    if os.path.exists(latest):
-        path = os.path.join(root, open(latest).read().strip())
-        if os.path.exists(os.path.join(path, COMPLETE)):
-            return path
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
 
 
 def load_checkpoint(engine, model, path: str, *, rank: int, ep_rank: int, ep_size: int) -> dict:
@@ -165,29 +126,4 @@ def load_checkpoint(engine, model, path: str, *, rank: int, ep_rank: int, ep_siz
     return client
 
 
-def full_model_state(path: str) -> dict:
-    """The whole model's state dict from a checkpoint directory, experts re-assembled."""
-    module_files = glob.glob(os.path.join(path, "*mp_rank_00_model_states.pt"))
-    if not module_files:
-        raise FileNotFoundError(f"{path}: no DeepSpeed module file (mp_rank_00_model_states.pt)")
-    module = torch.load(module_files[0], map_location="cpu", weights_only=False)["module"]
-    state = {k[len("model."):]: v for k, v in module.items() if k.startswith("model.")}
-    shards = [torch.load(f, map_location="cpu") for f in sorted(glob.glob(os.path.join(path, "experts", "ep*.pt")))]
-    for key in shards[0]["tensors"] if shards else []:
-        state[key] = torch.cat([s["tensors"][key] for s in sorted(shards, key=lambda s: s["first_expert"])])
-    state.update(torch.load(os.path.join(path, "moe_buffers.pt"), map_location="cpu"))
-    return state
 
-
-def load_model_for_inference(run_or_ckpt: str, device="cpu"):
-    """(model, RunConfig) from a run directory (its newest checkpoint) or a checkpoint directory,
-    on one process with all experts local."""
-    from .config import load_config
-    ckpt = run_or_ckpt if os.path.exists(os.path.join(run_or_ckpt, COMPLETE)) else find_checkpoint(run_or_ckpt, "auto")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_or_ckpt}: no complete checkpoint found")
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
-    cfg = load_config(os.path.join(run_dir, "config.yaml"), ("moe.ep_size=1",))
-    model = DiffusionTransformer(cfg.model_config())
-    model.load_state_dict(full_model_state(ckpt))
-    return model.to(device).eval(), cfg

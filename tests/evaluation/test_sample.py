@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from tests.eval.conftest import FixedLogits, tiny_config, tiny_model
+from tests.evaluation.conftest import FixedLogits, tiny_config, tiny_model
 from tests.trainer.launch import ROOT
-from trainer.generate import SampleConfig, commit_counts, generate, left_pad
+from evaluation.sample import SampleConfig, commit_counts, generate, left_pad
 
 MASK = 3
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
@@ -27,8 +27,8 @@ def peaked_table(L: int, V: int, peak: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("router", ["expert_choice", "token_choice", "dense"])
-@pytest.mark.parametrize("sc", [SampleConfig(12, 12), SampleConfig(12, 6, 4), SampleConfig(12, 3, 4, 1.0, "random"),
-                                SampleConfig(12, 6, 6, 0.7, "low_confidence", 1.5)])
+@pytest.mark.parametrize("sc", [SampleConfig(gen_length=12, steps=12), SampleConfig(gen_length=12, steps=6, block_length=4), SampleConfig(gen_length=12, steps=3, block_length=4, temperature=1.0, remasking="random"),
+                                SampleConfig(gen_length=12, steps=6, block_length=6, temperature=0.7, remasking="low_confidence", cfg_scale=1.5)])
 def test_fills_every_mask_and_keeps_the_prompt(router, sc):
     model = tiny_model(router)
     out = generate(model, PROMPTS, sc)
@@ -42,13 +42,13 @@ def test_fills_every_mask_and_keeps_the_prompt(router, sc):
 
 def test_temperature_zero_is_deterministic():
     model = tiny_model("expert_choice", init_std=0.3)
-    a = generate(model, PROMPTS, SampleConfig(12, 6, 4, 0.0), torch.Generator().manual_seed(1))
-    b = generate(model, PROMPTS, SampleConfig(12, 6, 4, 0.0), torch.Generator().manual_seed(2))
+    a = generate(model, PROMPTS, SampleConfig(gen_length=12, steps=6, block_length=4, temperature=0.0), torch.Generator().manual_seed(1))
+    b = generate(model, PROMPTS, SampleConfig(gen_length=12, steps=6, block_length=4, temperature=0.0), torch.Generator().manual_seed(2))
     assert torch.equal(a.tokens_BL, b.tokens_BL) and torch.equal(a.commit_step_BL, b.commit_step_BL)
     # sampling is reproducible from the seed, and does depend on it
-    s1 = generate(model, PROMPTS, SampleConfig(12, 6, 4, 1.0), torch.Generator().manual_seed(1))
-    s1b = generate(model, PROMPTS, SampleConfig(12, 6, 4, 1.0), torch.Generator().manual_seed(1))
-    s2 = generate(model, PROMPTS, SampleConfig(12, 6, 4, 1.0), torch.Generator().manual_seed(2))
+    s1 = generate(model, PROMPTS, SampleConfig(gen_length=12, steps=6, block_length=4, temperature=1.0), torch.Generator().manual_seed(1))
+    s1b = generate(model, PROMPTS, SampleConfig(gen_length=12, steps=6, block_length=4, temperature=1.0), torch.Generator().manual_seed(1))
+    s2 = generate(model, PROMPTS, SampleConfig(gen_length=12, steps=6, block_length=4, temperature=1.0), torch.Generator().manual_seed(2))
     assert torch.equal(s1.tokens_BL, s1b.tokens_BL) and not torch.equal(s1.tokens_BL, s2.tokens_BL)
 
 
@@ -57,7 +57,7 @@ def test_low_confidence_commits_the_most_confident_position_first():
     P, G = 3, 6
     heights = {P + 0: 2.0, P + 1: 6.0, P + 2: 1.0, P + 3: 4.0, P + 4: 3.0, P + 5: 5.0}
     model = FixedLogits(peaked_table(P + G, 16, heights), cfg)
-    out = generate(model, [[5, 6, 7]], SampleConfig(G, G))   # one commit per step
+    out = generate(model, [[5, 6, 7]], SampleConfig(gen_length=G, steps=G))   # one commit per step
     order = sorted(heights, key=heights.get, reverse=True)    # most confident first
     assert [int(out.commit_step_BL[0, p]) for p in order] == list(range(G))
     for p in heights:   # and each commits its argmax token
@@ -68,7 +68,7 @@ def test_random_remasking_ignores_confidence():
     cfg = tiny_config("dense", vocab=16)
     heights = {3 + i: float(10 * (i + 1)) for i in range(8)}
     model = FixedLogits(peaked_table(11, 16, heights), cfg)
-    orders = {tuple(generate(model, [[5, 6, 7]], SampleConfig(8, 8, None, 0.0, "random", seed=s))
+    orders = {tuple(generate(model, [[5, 6, 7]], SampleConfig(gen_length=8, steps=8, block_length=None, temperature=0.0, remasking="random", seed=s))
                     .commit_step_BL[0, 3:].tolist()) for s in range(4)}
     assert len(orders) > 1   # not the confidence order every time: the order is random
 
@@ -79,7 +79,7 @@ def test_blocks_are_filled_left_to_right():
     # the last block is the most confident, so only the block order can make it go last
     heights = {P + i: float(1 + i) for i in range(G)}
     model = FixedLogits(peaked_table(P + G, 16, heights), cfg)
-    out = generate(model, [[5, 6]], SampleConfig(G, 6, block))   # 2 steps per block, 2 tokens per step
+    out = generate(model, [[5, 6]], SampleConfig(gen_length=G, steps=6, block_length=block))   # 2 steps per block, 2 tokens per step
     steps = out.commit_step_BL[0, P:].view(3, block)
     for b in range(3):
         assert sorted(steps[b].tolist()) == [2 * b, 2 * b, 2 * b + 1, 2 * b + 1]
@@ -90,7 +90,7 @@ def test_blocks_are_filled_left_to_right():
 def test_forward_gets_the_current_mask_ratio():
     cfg = tiny_config("dense", vocab=16)
     model = FixedLogits(peaked_table(12, 16, {}), cfg)
-    generate(model, [[5, 6, 7, 8]], SampleConfig(8, 4))   # 2 tokens per step
+    generate(model, [[5, 6, 7, 8]], SampleConfig(gen_length=8, steps=4))   # 2 tokens per step
     # r is masked / whole sequence (prompt of 4 included), as pretraining defines it
     assert [round(float(c["ratio"][0]), 4) for c in model.calls] == [round(x / 12, 4) for x in (8, 6, 4, 2)]
 
@@ -98,7 +98,7 @@ def test_forward_gets_the_current_mask_ratio():
 def test_guidance_masks_the_prompt_in_the_unconditional_branch():
     cfg = tiny_config("dense", vocab=16)
     model = FixedLogits(peaked_table(12, 16, {}), cfg)
-    generate(model, [[5, 6, 7, 8]], SampleConfig(8, 4, None, 0.0, "low_confidence", 2.0))
+    generate(model, [[5, 6, 7, 8]], SampleConfig(gen_length=8, steps=4, block_length=None, temperature=0.0, remasking="low_confidence", cfg_scale=2.0))
     first = model.calls[0]
     assert first["tokens"].shape[0] == 2   # conditional and unconditional rows in one forward
     assert first["tokens"][0, :4].tolist() == [5, 6, 7, 8] and (first["tokens"][1] == MASK).all()
@@ -120,25 +120,25 @@ def test_commit_counts_split_the_block_evenly():
 @pytest.mark.parametrize("router", ["expert_choice", "dense"])
 def test_left_padding_does_not_change_a_prompt_s_result(router):
     model = tiny_model(router, init_std=0.3)
-    alone = generate(model, [PROMPTS[1]], SampleConfig(8, 8))
-    batched = generate(model, PROMPTS, SampleConfig(8, 8))
+    alone = generate(model, [PROMPTS[1]], SampleConfig(gen_length=8, steps=8))
+    batched = generate(model, PROMPTS, SampleConfig(gen_length=8, steps=8))
     assert torch.equal(alone.generated_BG[0], batched.generated_BG[1])
 
 
 def test_invalid_settings_name_the_problem():
     model = tiny_model("dense")
     with pytest.raises(ValueError, match="block_length"):
-        generate(model, PROMPTS, SampleConfig(10, 10, 4))
+        generate(model, PROMPTS, SampleConfig(gen_length=10, steps=10, block_length=4))
     with pytest.raises(ValueError, match="steps"):
-        generate(model, PROMPTS, SampleConfig(12, 5, 4))
+        generate(model, PROMPTS, SampleConfig(gen_length=12, steps=5, block_length=4))
     with pytest.raises(ValueError, match="max_seq_len"):
-        generate(model, PROMPTS, SampleConfig(40, 40))
+        generate(model, PROMPTS, SampleConfig(gen_length=40, steps=40))
 
 
 def test_command_line_on_a_real_run(two_runs, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "import os\nimport"}) + "\n" + "def main():\n")
-    proc = subprocess.run([sys.executable, "-m", "trainer.generate", str(two_runs["ec"]), "--prompt", "class Foo",
+    proc = subprocess.run([sys.executable, "-m", "evaluation.sample", str(two_runs["ec"]), "--prompt", "class Foo",
                            "--prompt-file", str(prompts), "--gen-length", "16", "--steps", "8", "--block-length", "8",
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -10,10 +10,11 @@ import torch
 
 from model import DiffusionTransformer, forward_loss
 from tests.distributed import run_distributed
-from tests.eval.conftest import tiny_config
-from trainer.generate import left_pad
-from trainer.mc_eval import (MCItem, continuation, evaluate_mc, evaluate_tasks, label_token_ids, load_mc_jsonl,
-                             single_mask_prompt)
+from tests.evaluation.conftest import tiny_config
+from evaluation.sample import left_pad
+from evaluation.multiple_choice import (MCItem, continuation, evaluate_mc, label_token_ids, load_mc_jsonl,
+                                        single_mask_prompt)
+from evaluation.tasks import evaluate_tasks
 
 ATTRS = ["red", "blue", "green", "gold", "grey", "pink", "black", "white"]
 N_ITEMS = 24
@@ -79,8 +80,8 @@ def train_tiny(items, tok, steps: int = 150, seed: int = 0) -> DiffusionTransfor
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
-        loss, _, _ = forward_loss(model, tokens, torch.rand(len(rows), generator=g, dtype=torch.float64),
-                                  torch.rand(tokens.shape, generator=g), valid, prompt)
+        loss = forward_loss(model, tokens, torch.rand(len(rows), generator=g, dtype=torch.float64),
+                            torch.rand(tokens.shape, generator=g), valid, prompt).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -159,7 +160,7 @@ def test_left_padding_helper_aligns_prompts_right():
 
 def test_task_specs_are_checked_before_training(tmp_path):
     from model.config import ConfigError
-    from trainer.mc_eval import check_tasks
+    from evaluation.tasks import check_tasks
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}) + "\n")
     check_tasks([{"name": "t", "path": str(path), "mode": "likelihood", "every": 100, "mc_num": 8}])
@@ -181,7 +182,7 @@ def test_command_line_on_a_real_run(two_runs, tmp_path):
         {"question": "import os\nimport", "choices": ["sys", "zzz"], "answer": 0},
         {"context": "def f(x):", "question": "    return", "choices": ["x", "(", "]]]"], "answer": 0})))
     for mode in ("likelihood", "single_mask"):
-        proc = subprocess.run([sys.executable, "-m", "trainer.mc_eval", str(two_runs["ec"]), "--task", str(path),
+        proc = subprocess.run([sys.executable, "-m", "evaluation.multiple_choice", str(two_runs["ec"]), "--task", str(path),
                                "--mode", mode, "--mc-num", "4", "--json"], cwd=ROOT, capture_output=True, text=True,
                               timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr

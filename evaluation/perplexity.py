@@ -1,7 +1,7 @@
-"""Perplexity bound of a dataset split: the trainer's validation ELBO (trainer/evaluate.py), on one
+"""Perplexity bound of a dataset split: the trainer's validation ELBO (trainer/validation.py), on one
 process, for any checkpoint and any prepared split.
 
-    python -m trainer.perplexity RUN_DIR [--data DIR] [--split val] [--batches 16] [--batch-size 8]
+    python -m evaluation.perplexity RUN_DIR [--data DIR] [--split val] [--batches 16] [--batch-size 8]
         [--seq-len N] [--ratio-points 10] [--seed 0] [--json]
 
 The ELBO per token, averaged over a fixed grid of mask ratios with fixed noise (so two runs are
@@ -24,8 +24,9 @@ def perplexity_bound(model, cfg, data_dir: str, split: str = "val", batches: int
                      seq_len=None, ratio_points: int = 10, seed: int = 0) -> dict:
     """{"loss": ELBO nats/token, "ppl_bound": exp(loss), "loss_bin/00": ..., "tokens": scored tokens}."""
     from trainer.data import fixed_eval_batches
-    from .evaluate import evaluate
-    from .inference import model_device, resolve_path
+    from trainer.validation import evaluate
+    from .inference import model_device
+    from .loading import resolve_path
     seq_len = seq_len or cfg.train.seq_len
     data = fixed_eval_batches(os.path.join(resolve_path(data_dir), split), seq_len, batch_size, batches)
     ecfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_ratio_points=ratio_points, seed=seed))
@@ -37,7 +38,7 @@ def perplexity_bound(model, cfg, data_dir: str, split: str = "val", batches: int
 
 
 def main(argv=None) -> int:
-    from .inference import load_run
+    from .loading import load_run
     p = argparse.ArgumentParser(description="Validation ELBO / perplexity bound of an ecdlm run.")
     p.add_argument("run", help="run directory or checkpoint directory")
     p.add_argument("--data", help="prepared data directory (default: the run's data.path)")

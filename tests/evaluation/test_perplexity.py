@@ -13,7 +13,7 @@ from tests.trainer.launch import ROOT, read_metrics
 def test_cli_matches_the_trainer_s_validation_loss(two_runs):
     run = two_runs["tc"]
     last = [r for r in read_metrics(run) if "val/loss" in r][-1]
-    proc = subprocess.run([sys.executable, "-m", "trainer.perplexity", str(run), "--batches", "2", "--batch-size", "8",
+    proc = subprocess.run([sys.executable, "-m", "evaluation.perplexity", str(run), "--batches", "2", "--batch-size", "8",
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

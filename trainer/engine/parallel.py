@@ -11,14 +11,13 @@ The engine only turns that machinery on (`has_moe_layers`) when it finds an inst
 `deepspeed.moe.layer.MoE` class among the modules. Our layers are plain PyTorch (model/ never
 imports DeepSpeed), so `MoEMarker` is a stateless instance of that class attached beside the
 model. It has no parameters, so DeepSpeed's per-expert checkpoint files (keyed by its own expert
-module names) are empty; trainer/checkpoint.py saves our stacked experts itself, once each.
+module names) are empty; trainer/engine/checkpoint.py saves our stacked experts itself, once each.
 
 Process groups themselves start in `init_distributed` below.
 """
 from __future__ import annotations
 
 import deepspeed
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.layer import MoE
@@ -90,15 +89,12 @@ class MoEMarker(MoE):
         raise RuntimeError("MoEMarker only marks the model for DeepSpeed; it is never called")
 
 
-def tag_expert_params(model, ep_size: int) -> int:
-    """Tag routed-expert weights for DeepSpeed; returns how many tensors were tagged."""
-    n = 0
+def tag_expert_params(model, ep_size: int) -> None:
+    """Tag routed-expert weights for DeepSpeed (see the module docstring)."""
     for layer in model.moe_layers():
         for p in layer.experts.parameters():
             p.allreduce = False
             p.group_name = expert_group_name(ep_size)
-            n += 1
-    return n
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list:
@@ -112,6 +108,3 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list:
     split = split_params_into_different_moe_groups_for_optimizer(param_groups)
     return [g for g in split if g["params"]]   # ZeRO cannot flatten an empty group
 
-
-def is_expert_param(p: torch.Tensor) -> bool:
-    return getattr(p, "allreduce", True) is False

@@ -1,7 +1,7 @@
 """The module the DeepSpeed engine wraps: the model plus its diffusion loss.
 
 Wrapping keeps DeepSpeed's forward/backward bookkeeping around the whole loss computation, and
-holds the MoE marker (trainer/parallel.py) beside the model rather than inside it.
+holds the MoE marker (trainer/engine/parallel.py) beside the model rather than inside it.
 """
 from __future__ import annotations
 
@@ -22,5 +22,5 @@ class DiffusionObjective(nn.Module):
 
     def forward(self, tokens_BL: torch.Tensor, u_B: torch.Tensor, token_u_BL: torch.Tensor,
                 valid_BL: Optional[torch.Tensor] = None):
-        """Returns (loss to backpropagate, DiffusionLoss record, ModelOutput)."""
+        """A TrainingForward: .loss to backpropagate, .diffusion and .output records."""
         return forward_loss(self.model, tokens_BL, u_B, token_u_BL, valid_BL)

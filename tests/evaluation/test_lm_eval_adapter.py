@@ -60,7 +60,7 @@ def test_local_tasks_run_end_to_end(two_runs, tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "trainer.lm_eval_adapter", "--model", "ecdlm",
+    proc = subprocess.run([sys.executable, "-m", "evaluation.lm_eval_adapter", "--model", "ecdlm",
                            "--model_args", f"path={two_runs['ec']},mc_num=8,mc_batch_size=8,block_length=4",
                            "--tasks", "ecdlm_test_mc", "ecdlm_test_gen", "ecdlm_test_ppl",
                            "--include_path", str(tmp_path), "--output_path", str(out), "--device", "cpu"],
@@ -83,9 +83,9 @@ class _Req:
 
 
 def _adapter(make_table, **opts):
-    from tests.eval.conftest import FixedLogits, tiny_config
-    from tests.eval.test_mc_eval import WordTokenizer
-    from trainer.lm_eval_adapter import ECDLM
+    from tests.evaluation.conftest import FixedLogits, tiny_config
+    from tests.evaluation.test_mc_eval import WordTokenizer
+    from evaluation.lm_eval_adapter import ECDLM
     tok = WordTokenizer([f"w{i}" for i in range(12)])   # ids 4..15
     model = FixedLogits(make_table(tok), tiny_config("dense", vocab=16, max_seq_len=32))
     return ECDLM.from_model(model, tok, **opts), tok

@@ -11,14 +11,14 @@ import matplotlib.image as mpimg
 import numpy as np
 
 from tests.trainer.launch import ROOT
-from trainer.report import efficiency, local_slope
+from evaluation.report import efficiency, local_slope
 
 FIGURES = ["loss.png", "loss_bins.png", "efficiency.png", "capacity.png", "moe.png"]
 
 
 def test_report_from_two_real_runs(two_runs, tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "trainer.report", str(two_runs["ec"]), str(two_runs["tc"]),
+    proc = subprocess.run([sys.executable, "-m", "evaluation.report", str(two_runs["ec"]), str(two_runs["tc"]),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

@@ -1,6 +1,6 @@
 """Sampling by iterative unmasking (LLaDA-style), for expert-choice, token-choice and dense models.
 
-    python -m trainer.generate RUN_DIR --prompt "def add(a, b):" [--prompt-file F] [--gen-length 64]
+    python -m evaluation.sample RUN_DIR --prompt "def add(a, b):" [--prompt-file F] [--gen-length 64]
         [--steps 64] [--block-length 32] [--temperature 0] [--remasking low_confidence|random]
         [--cfg-scale 0] [--batch-size 8] [--seed 0] [--json] [--device cpu]
 
@@ -32,7 +32,7 @@ import torch
 from .inference import mask_ratio, model_device
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SampleConfig:
     gen_length: int = 64
     steps: int = 64
@@ -118,7 +118,7 @@ def top_k_per_row(score_BL: torch.Tensor, k_B: torch.Tensor) -> torch.Tensor:
     return rank_BL < k_B[:, None]
 
 
-def guided_logits(model, x_BL, valid_BL, prompt_BL, maskable_BL, rows_BL, cfg_scale: float) -> torch.Tensor:
+def guided_logits(model, x_BL, valid_BL, prompt_BL, rows_BL, cfg_scale: float) -> torch.Tensor:
     """[N, V] logits at the positions `rows_BL`, with classifier-free guidance when cfg_scale > 0."""
     mask_id = model.cfg.model.mask_id
     pad_valid = None if bool(valid_BL.all()) else valid_BL   # None keeps the fast unpadded path
@@ -158,7 +158,7 @@ def make_canvas(prompts: Sequence[Sequence[int]], G: int, pad_id: int, mask_id: 
 def denoise_step(model, c: Canvas, todo_BL: torch.Tensor, k_B: torch.Tensor, step: int, sc: SampleConfig,
                  g: torch.Generator) -> None:
     """Propose a token at every position in `todo_BL` and commit the k_b best of each row."""
-    logits_NV = guided_logits(model, c.x_BL, c.valid_BL, c.prompt_BL, c.maskable_BL, todo_BL, sc.cfg_scale)
+    logits_NV = guided_logits(model, c.x_BL, c.valid_BL, c.prompt_BL, todo_BL, sc.cfg_scale)
     logits_NV[:, model.cfg.model.mask_id] = float("-inf")   # never propose the mask token itself
     token_N, conf_N = propose(logits_NV, sc.temperature, g)
     if sc.remasking == "random":
@@ -248,10 +248,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from .inference import load_run
+    from .loading import load_run
     args = parse_args(argv)
-    sc = SampleConfig(args.gen_length, args.steps or args.gen_length, args.block_length, args.temperature,
-                      args.remasking, args.cfg_scale, args.seed)
+    sc = SampleConfig(gen_length=args.gen_length, steps=args.steps or args.gen_length,
+                      block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
+                      cfg_scale=args.cfg_scale, seed=args.seed)
     try:
         sc.validate()
         prompts = read_prompts(args)
@@ -268,7 +269,8 @@ def main(argv=None) -> int:
         n_tokens += out.generated_BG.numel()
         for prompt, row in zip(batch, out.generated_BG.tolist()):
             text = tok.decode(row)
-            print(json.dumps({"prompt": prompt, "completion": text}) if args.json else
+            # the ids too: the generated region as committed (past an end-of-document as well)
+            print(json.dumps({"prompt": prompt, "completion": text, "completion_ids": row}) if args.json else
                   f"=== prompt: {prompt!r}\n{prompt}{text}\n", flush=True)
     print(f"[{cfg.moe.router}] {len(prompts)} prompts, {calls} forward passes, {n_tokens} tokens in "
           f"{seconds:.2f} s ({n_tokens / max(seconds, 1e-9):,.1f} tokens/s)", file=sys.stderr)

@@ -1,11 +1,11 @@
 """lm-evaluation-harness model `ecdlm`: log-likelihoods by the Monte-Carlo ELBO, generation by the
 iterative-unmasking sampler.
 
-    python -m trainer.lm_eval_adapter --model ecdlm --model_args path=RUN_DIR[,mc_num=64,...] \
+    python -m evaluation.lm_eval_adapter --model ecdlm --model_args path=RUN_DIR[,mc_num=64,...] \
         --tasks TASKS [any other lm_eval option]
 
 is lm_eval's own command line with this model registered (lm_eval has no plugin discovery, so a
-bare `lm_eval --model ecdlm` cannot find it; in Python, `import trainer.lm_eval_adapter` before
+bare `lm_eval --model ecdlm` cannot find it; in Python, `import evaluation.lm_eval_adapter` before
 `lm_eval.simple_evaluate(model="ecdlm", ...)` does the same).
 
 model_args: path (run or checkpoint directory, required), device, mc_num (ELBO samples per
@@ -27,8 +27,9 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .generate import SampleConfig, generate, truncate_at_stops
-from .inference import load_run, model_device
+from .sample import SampleConfig, generate, truncate_at_stops
+from .inference import model_device
+from .loading import load_run
 from .likelihood import elbo_loglik
 
 
@@ -79,7 +80,7 @@ class ECDLM(LM):
         est = elbo_loglik(self.model, ctx, cont, self.mc_num, self.mc_batch, self.g)
         is_greedy = False
         if greedy and cont:
-            sc = SampleConfig(len(cont), len(cont), None, 0.0, "low_confidence", 0.0, self.seed)
+            sc = SampleConfig(gen_length=len(cont), steps=len(cont), seed=self.seed)
             is_greedy = generate(self.model, [ctx], sc).generated_BG[0].tolist() == cont
         return est.loglik, is_greedy
 
@@ -108,7 +109,8 @@ class ECDLM(LM):
         gen = block * math.ceil(max_gen_toks / block)
         blocks = gen // block
         steps = blocks * max(1, math.ceil(gen * self.steps_per_token / blocks))
-        return SampleConfig(gen, steps, block, temperature, self.remasking, self.cfg_scale, self.seed)
+        return SampleConfig(gen_length=gen, steps=steps, block_length=block, temperature=temperature,
+                            remasking=self.remasking, cfg_scale=self.cfg_scale, seed=self.seed)
 
     def generate_until(self, requests) -> list:
         out = []

@@ -1,12 +1,12 @@
 """Zero-shot multiple choice from a JSON-lines file, in two modes, offline and during training.
 
-    python -m trainer.mc_eval RUN_DIR --task FILE.jsonl [--mode likelihood|single_mask]
+    python -m evaluation.multiple_choice RUN_DIR --task FILE.jsonl [--mode likelihood|single_mask]
         [--mc-num 32] [--batch-size 32] [--limit N] [--seed 0] [--json]
 
 Each line: {"question": str (or "context": str, or both), "choices": [str, ...], "answer": index}.
 
 - `likelihood`: the prediction is the choice with the highest Monte-Carlo ELBO given the prompt
-  (trainer/likelihood.py); reports `acc` (summed log-likelihood) and `acc_norm` (divided by the
+  (evaluation/likelihood.py); reports `acc` (summed log-likelihood) and `acc_norm` (divided by the
   choice's length in bytes, as lm-evaluation-harness does).
 - `single_mask`: the choices are listed with letter labels, the prompt ends in "Answer:" and one
   mask token, and the prediction is the label whose token has the highest logit there: one
@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .generate import left_pad
+from .sample import left_pad
 from .inference import expert_parallel, model_device
 from .likelihood import elbo_loglik
 
@@ -195,7 +195,7 @@ def evaluate_mc(model, tok, items: Sequence[MCItem], mode: str = "likelihood", m
                     correct += torch.tensor([hit, hit, 1.0])
     if world > 1:
         import torch.distributed as dist
-        from .preemption import comm_device
+        from trainer.distributed import comm_device
         correct = correct.to(comm_device())
         dist.all_reduce(correct)
         correct = correct.cpu()
@@ -207,78 +207,9 @@ def evaluate_mc(model, tok, items: Sequence[MCItem], mode: str = "likelihood", m
     return out
 
 
-# ---- on-the-fly evaluation during training -------------------------------------------------------
-_ITEMS_CACHE: dict = {}
-
-
-def _field(task, name, default=None):
-    return task.get(name, default) if isinstance(task, dict) else getattr(task, name, default)
-
-
-TASK_FIELDS = {"name", "path", "mode", "every", "limit", "mc_num", "batch_size", "seed"}
-
-
-def check_tasks(tasks: Sequence, prefix: str = "eval.tasks") -> None:
-    """Fail fast, before training starts, on a task spec that `evaluate_tasks` could not run;
-    the ConfigError names the field (e.g. eval.tasks[1].mode)."""
-    from model.config import ConfigError
-    names = set()
-    for i, task in enumerate(tasks):
-        where = f"{prefix}[{i}]"
-        if not isinstance(task, dict):
-            raise ConfigError(f"{where} must be a mapping with name, path, mode, every")
-        unknown = sorted(set(task) - TASK_FIELDS)
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]} is not a task field; known: {', '.join(sorted(TASK_FIELDS))}")
-        for key in ("name", "path"):
-            if not isinstance(task.get(key), str) or not task[key]:
-                raise ConfigError(f"{where}.{key} is required (a string)")
-        if task["name"] in names:
-            raise ConfigError(f"{where}.name={task['name']!r} is used twice; metrics are eval/<name>/acc")
-        names.add(task["name"])
-        if not os.path.exists(task["path"]):
-            raise ConfigError(f"{where}.path={task['path']} does not exist")
-        if task.get("mode", "single_mask") not in ("likelihood", "single_mask"):
-            raise ConfigError(f"{where}.mode={task.get('mode')!r} must be likelihood or single_mask")
-        for key in ("every", "limit", "mc_num", "batch_size"):
-            v = task.get(key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"{where}.{key}={v!r} must be an integer >= 1")
-        try:
-            load_mc_jsonl(task["path"], task.get("limit"))
-        except ValueError as err:
-            raise ConfigError(f"{where}: {err}") from None
-
-
-def evaluate_tasks(model, tasks: Sequence, tokenizer, step: int, rank: Optional[int] = None,
-                   world: Optional[int] = None) -> dict:
-    """Metrics {"eval/<name>/acc": ...} of the tasks due at `step` (step % every == 0).
-
-    `tasks`: dicts or objects with name, path (JSON lines), mode (likelihood | single_mask),
-    every (steps), and optionally limit, mc_num, batch_size, seed. Collective when world > 1:
-    every rank must call it at the same steps.
-    """
-    row = {}
-    for task in tasks:
-        every = int(_field(task, "every", 1))
-        if every <= 0 or step % every:
-            continue
-        name, path, limit = _field(task, "name"), _field(task, "path"), _field(task, "limit")
-        key = (path, limit)
-        if key not in _ITEMS_CACHE:
-            _ITEMS_CACHE[key] = load_mc_jsonl(path, limit)
-        res = evaluate_mc(model, tokenizer, _ITEMS_CACHE[key], _field(task, "mode", "single_mask"),
-                          int(_field(task, "mc_num", 16)), int(_field(task, "batch_size", 32)),
-                          int(_field(task, "seed", 0)), rank, world)
-        for metric in ("acc", "acc_norm"):
-            if metric in res:
-                row[f"eval/{name}/{metric}"] = res[metric]
-    return row
-
-
 # ---- command line --------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    from .inference import load_run
+    from .loading import load_run
     p = argparse.ArgumentParser(description="Zero-shot multiple-choice accuracy of an ecdlm run.")
     p.add_argument("run", help="run directory or checkpoint directory")
     p.add_argument("--task", required=True, help="JSON lines: question/context, choices, answer")

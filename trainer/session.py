@@ -1,0 +1,123 @@
+"""Set-up of a training run: checks that need no process group (preflight), process groups, the
+DeepSpeed engine, data, and resume. Returns a Session, everything the loop needs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from model import DiffusionTransformer
+from model.config import ConfigError
+from trainer.data import PackedLoader, check_vocab, fixed_eval_batches
+
+from . import checkpoints
+from .config import RunConfig, save_config
+from .engine import checkpoint as engine_ckpt
+from .engine.build import build_engine
+from .engine.ds_config import load_ds_config, resolve_ds_config
+from .engine.parallel import init_distributed
+
+log = logging.getLogger("ecdlm")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def preflight(cfg: RunConfig, ds_config_path: str) -> dict:
+    """Everything checkable before processes talk to each other: fail fast, name the problem."""
+    ds_raw = load_ds_config(ds_config_path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))   # known before init under every launcher but MPI
+    if cfg.moe.router != "dense" and world % cfg.moe.ep_size:
+        raise ConfigError(f"moe.ep_size={cfg.moe.ep_size} must divide the world size {world}")
+    resolve_ds_config(ds_raw, cfg, world, bf16=False, has_moe=cfg.moe.router != "dense", src=ds_config_path)
+    for split in ("train", "val"):
+        if not os.path.exists(os.path.join(cfg.data.path, split, "meta.json")):
+            raise FileNotFoundError(f"data.path={cfg.data.path} has no prepared {split} split; run "
+                                    f"`python -m trainer.data prepare --out {cfg.data.path}` first")
+    check_vocab(cfg.data.path, cfg.model.vocab_size, cfg.model.pad_id, cfg.model.mask_id, data_path=cfg.data.path)
+    if cfg.eval.tasks:
+        from evaluation.tasks import check_tasks   # the task files, before anything expensive
+        check_tasks(cfg.eval.tasks)
+    return ds_raw
+
+
+@dataclass
+class Session:
+    """Everything a training run holds after set-up."""
+    cfg: RunConfig
+    engine: object
+    model: DiffusionTransformer
+    scheduler: object
+    loader: PackedLoader
+    val_batches: list
+    device: torch.device
+    rank: int
+    world: int
+    ep_size: int
+    ep_rank: int
+    expert_dp_rank: int
+    start_step: int = 0
+
+    @property
+    def run_dir(self) -> str:
+        return self.cfg.run_dir
+
+    def client_state(self, step: int) -> dict:
+        t = self.cfg.train
+        return {"step": step, "tokens": step * t.global_batch_size * t.seq_len,
+                "loader": self.loader.state_dict(), "layout": {"world_size": self.world, "ep_size": self.ep_size}}
+
+    def save(self, step: int) -> str:
+        return engine_ckpt.save_checkpoint(self.engine, self.model, self.run_dir, step, self.client_state(step),
+                                           rank=self.rank, ep_rank=self.ep_rank, ep_size=self.ep_size,
+                                           expert_dp_rank=self.expert_dp_rank, keep_last=self.cfg.train.keep_last)
+
+    def load(self, path: str) -> int:
+        client = engine_ckpt.load_checkpoint(self.engine, self.model, path, rank=self.rank, ep_rank=self.ep_rank,
+                                             ep_size=self.ep_size)
+        self.loader.load_state_dict(client["loader"])
+        self.start_step = client["step"]
+        return self.start_step
+
+
+def setup(cfg: RunConfig, ds_config_path: str) -> Session:
+    """Checks, process groups, model, DeepSpeed engine, data, and resume."""
+    ds_raw = preflight(cfg, ds_config_path)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    setup_logging(rank)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    ds = resolve_ds_config(ds_raw, cfg, world, bf16=bf16, has_moe=cfg.moe.router != "dense", src=ds_config_path)
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        with open(os.path.join(cfg.run_dir, "ds_config.json"), "w") as f:
+            json.dump(ds, f, indent=2)
+    dist.barrier()
+
+    built = build_engine(cfg, ds)
+    t = cfg.train
+    loader = PackedLoader(os.path.join(cfg.data.path, "train"), t.seq_len, t.global_batch_size,
+                          t.micro_batch_size, rank, world, t.seed, prefetch=cfg.data.prefetch)
+    val_batches = fixed_eval_batches(os.path.join(cfg.data.path, "val"), t.seq_len, cfg.eval.batch_size,
+                                     cfg.eval.batches)
+    session = Session(cfg=cfg, engine=built.engine, model=built.model, scheduler=built.scheduler, loader=loader,
+                      val_batches=val_batches, device=device, rank=rank, world=world, ep_size=built.ep_size,
+                      ep_rank=built.ep_rank, expert_dp_rank=built.expert_dp_rank)
+    found = [checkpoints.find_checkpoint(cfg.run_dir, t.resume) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)   # one decision for all ranks
+    if found[0]:
+        session.load(found[0])
+        log.info("resumed from %s at step %d", found[0], session.start_step)
+    return session

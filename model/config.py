@@ -10,7 +10,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -33,6 +33,8 @@ class CapacityConfig:
     sigma: float = 0.22                 # width of the `gaussian` schedules
     points: Optional[list] = None       # `piecewise`: [[r, s], ...], r ascending over [0, 1]
     flop_match: Literal["check", "off", "solve"] = "check"
+    # half_up: ecdlm's floor(x + 0.5); half_even: torch.round, as EC-DLM (differs only at exact .5)
+    rounding: Literal["half_up", "half_even"] = "half_up"
 
 
 @dataclass
@@ -49,7 +51,12 @@ class MoEConfig:
     z_loss_coef: float = 1e-3
     # expert choice
     ec_scope: Literal["sequence", "batch"] = "sequence"
-    gate_scaling: bool = False          # scale routed output by f(n_i), see moe/routing.py
+    # scale routed output by f(n_i), see moe/routing.py: off, rms (ecdlm's), reference (EC-DLM's,
+    # sqrt(S) E[1/||g||]); false/true are read as off/rms (configs saved before the names)
+    gate_scaling: Union[Literal["off", "rms", "reference"], bool] = "off"
+    # batch scope with per-sequence k: sum = floor(sum_b L_b k_b / E) (FLOP-matched);
+    # reference_max = floor(sum_b L_b max_b k_b / E), EC-DLM's floor(B L max_b k_b / E)
+    ec_batch_capacity: Literal["sum", "reference_max"] = "sum"
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     # token choice
     score_fn: Literal["softmax", "sigmoid"] = "softmax"
@@ -84,7 +91,8 @@ class ModelArchConfig:
 class DiffusionConfig:
     eps: float = 1e-3
     low_discrepancy: bool = True
-    loss_weighting: Literal["elbo", "uniform"] = "elbo"
+    # stable: sum of CE over masked tokens / maskable tokens (EC-DLM's --difflm-stable-training)
+    loss_weighting: Literal["elbo", "uniform", "stable"] = "elbo"
 
 
 @dataclass
@@ -178,11 +186,16 @@ def validate_model(m: ModelArchConfig) -> None:
              f"model.logit_softcap={m.logit_softcap} must be > 0 or null (off)")
 
 
+GATE_SCALING_ALIASES = {False: "off", True: "rms"}
+
+
 def resolve_moe(e: MoEConfig):
     """(resolved copy of `e`, its TimestepCapacity or None): capacity defaults filled from moe.k,
     and for `flop_match: solve` the solved k_max written in, so the saved config reproduces it.
     The input is not changed. Range errors found while resolving name the field."""
     c = dataclasses.replace(e.capacity)
+    if isinstance(e.gate_scaling, bool):   # the old boolean: false/true mean off/rms
+        e = dataclasses.replace(e, gate_scaling=GATE_SCALING_ALIASES[e.gate_scaling])
     if c.k_target is None:
         c.k_target = float(e.k)
     if c.schedule == "static":   # k_b = k_target for every sequence; bounds are just that value
@@ -225,6 +238,13 @@ def check_moe_fields(e: MoEConfig) -> None:
              f"moe.ep_size={e.ep_size} must divide moe.num_experts={e.num_experts}")
     _require(e.ec_scope in ("sequence", "batch"), f"moe.ec_scope={e.ec_scope!r} must be sequence or batch")
     _require(e.score_fn in ("softmax", "sigmoid"), f"moe.score_fn={e.score_fn!r} must be softmax or sigmoid")
+    _require(isinstance(e.gate_scaling, bool) or e.gate_scaling in ("off", "rms", "reference"),
+             f"moe.gate_scaling={e.gate_scaling!r} must be off, rms or reference (or false/true = off/rms)")
+    _require(e.gate_scaling != "reference" or e.router != "expert_choice" or e.num_shared_experts >= 1,
+             "moe.gate_scaling=reference needs moe.num_shared_experts >= 1: its f(n) = sqrt(S) E[1/||g||] "
+             "is 0 with S=0 shared experts (use rms)")
+    _require(e.ec_batch_capacity in ("sum", "reference_max"),
+             f"moe.ec_batch_capacity={e.ec_batch_capacity!r} must be sum or reference_max")
     _require(e.capacity_factor is None or e.capacity_factor > 0,
              f"moe.capacity_factor={e.capacity_factor} must be > 0 or null (dropless)")
     _require(e.z_loss_coef >= 0 and e.aux_loss_coef >= 0 and e.bias_update_rate >= 0,
@@ -245,6 +265,8 @@ def check_capacity_ranges(e: MoEConfig) -> None:
     _require(c.sigma > 0, f"moe.capacity.sigma={c.sigma} must be > 0")
     _require(c.flop_match in ("check", "off", "solve"),
              f"moe.capacity.flop_match={c.flop_match!r} must be check, off or solve")
+    _require(c.rounding in ("half_up", "half_even"),
+             f"moe.capacity.rounding={c.rounding!r} must be half_up or half_even")
     if c.schedule == "piecewise":
         pts = c.points or []
         _require(len(pts) >= 2, "moe.capacity.points needs at least two [r, s] points for piecewise")
@@ -256,8 +278,8 @@ def check_capacity_ranges(e: MoEConfig) -> None:
 
 def validate_diffusion(d: DiffusionConfig) -> None:
     _require(0 < d.eps < 1, f"diffusion.eps={d.eps} must be in (0, 1)")
-    _require(d.loss_weighting in ("elbo", "uniform"),
-             f"diffusion.loss_weighting={d.loss_weighting!r} must be elbo or uniform")
+    _require(d.loss_weighting in ("elbo", "uniform", "stable"),
+             f"diffusion.loss_weighting={d.loss_weighting!r} must be elbo, uniform or stable")
 
 
 # ---- building dataclasses from dicts, with type checks that name the key ---------------------
@@ -285,7 +307,13 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(inner[0], value, key)
+        errors = []
+        for member in inner:   # the first member that accepts the value; else the first's error
+            try:
+                return coerce(member, value, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r} must be one of {', '.join(map(str, args))}")

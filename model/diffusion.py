@@ -83,6 +83,8 @@ def diffusion_loss(logits_NV: torch.Tensor, tokens_BL: torch.Tensor, masked: Mas
     the vocabulary projection is never computed for positions that carry no loss.
     `weighting="uniform"` weighs every masked token the same (sum CE / number masked): no 1/r
     factor, so low-ratio sequences cannot blow up the gradient.
+    `weighting="stable"` is EC-DLM's --difflm-stable-training: sum CE over masked tokens divided by
+    all maskable tokens (uniform times the batch's masked fraction; no 1/r factor either).
     """
     mask = masked.mask_BL
     # the masked positions as flat indices, found once: each boolean index would sync on its own
@@ -95,8 +97,10 @@ def diffusion_loss(logits_NV: torch.Tensor, tokens_BL: torch.Tensor, masked: Mas
         loss = elbo
     elif weighting == "uniform":
         loss = nll_N.sum() / mask.sum().clamp_min(1)
+    elif weighting == "stable":
+        loss = nll_N.sum() / n_tokens.clamp_min(1)
     else:
-        raise ValueError(f"loss_weighting={weighting!r} must be 'elbo' or 'uniform'")
+        raise ValueError(f"loss_weighting={weighting!r} must be 'elbo', 'uniform' or 'stable'")
     nll_BL = torch.zeros(mask.numel(), dtype=nll_N.dtype, device=nll_N.device)
     nll_BL = nll_BL.index_put_((pos_N,), nll_N.detach()).view(mask.shape)
     return DiffusionLoss(loss, elbo.detach(), masked.ratio_B, nll_BL, mask, n_tokens)

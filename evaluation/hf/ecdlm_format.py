@@ -36,10 +36,11 @@ def ecdlm_config(mc: ModelConfig, eos_id: Optional[int] = None, dtype: str = "fl
            "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads,
            "max_position_embeddings": m.max_seq_len, "pad_token_id": m.pad_id, "mask_token_id": m.mask_id,
            "eos_token_id": eos_id, "tie_word_embeddings": False, "torch_dtype": dtype}
-    if e.router == "expert_choice" and e.gate_scaling:
+    if e.router == "expert_choice" and e.gate_scaling != "off":
         # ecdlm estimates f(n) by a seeded Monte Carlo; the table itself travels, so the remote
-        # code needs no generator that matches torch's bit for bit
-        cfg["gate_scale_table"] = gate_scale_table(e.num_experts).tolist()
+        # code needs no generator that matches torch's bit for bit (rms or reference alike)
+        cfg["gate_scale_table"] = gate_scale_table(e.num_experts, method=e.gate_scaling,
+                                                   num_shared=e.num_shared_experts).tolist()
     return cfg
 
 

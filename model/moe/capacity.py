@@ -3,6 +3,10 @@ realized mask ratio r.
 
     k_b = clamp(round(k_min + (k_max - k_min) * s(r_b)), k_min, k_max)
 
+`round` is half up by default (floor(x + 0.5)); `rounding="half_even"` is torch.round, EC-DLM's.
+They differ only where x is exactly an odd multiple of 1/2, which some realizable ratios r = m/L hit
+(linear k 8..32, L=512: at 4 of the 513 ratios, e.g. r = 96/512 gives 12.5 -> 12 or 13).
+
 Low-mask-ratio sequences learn far faster per token, so the `*_reverse` schedules give them more
 experts. FLOP matching keeps comparisons fair: the expected k under r ~ U(0, 1) must equal the
 static k it replaces, computed here by fine quadrature that includes the rounding.
@@ -16,6 +20,8 @@ import torch
 
 SCHEDULES = ("static", "linear", "linear_reverse", "cosine", "cosine_reverse", "bell",
              "gaussian", "gaussian_reverse", "piecewise")
+
+ROUNDINGS = ("half_up", "half_even")
 
 _QUADRATURE_POINTS = 1 << 20   # midpoint rule; the rounding steps make the error O(1/n)
 
@@ -68,9 +74,12 @@ class TimestepCapacity:
     """Per-sequence experts-per-token k_b from the mask ratio r_b."""
 
     def __init__(self, schedule: str, k_min: float, k_max: float, *, sigma: float = 0.22,
-                 points: Optional[Sequence[Sequence[float]]] = None, k_static: Optional[float] = None):
+                 points: Optional[Sequence[Sequence[float]]] = None, k_static: Optional[float] = None,
+                 rounding: str = "half_up"):
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding={rounding!r} must be one of {', '.join(ROUNDINGS)}")
         self.schedule, self.k_min, self.k_max = schedule, float(k_min), float(k_max)
-        self.sigma, self.points = sigma, points
+        self.sigma, self.points, self.rounding = sigma, points, rounding
         # static ignores r: every sequence gets k_static (defaults to k_min, which equals k_max then)
         self.k_static = float(k_static if k_static is not None else k_min)
         self._s = shape_fn(schedule, sigma, points)
@@ -82,11 +91,15 @@ class TimestepCapacity:
         """LongTensor of k_b, one per entry of r (float mask ratios in [0, 1])."""
         r = torch.as_tensor(r, dtype=torch.float64)
         if self.schedule == "static":
-            return torch.full_like(r, math.floor(self.k_static + 0.5), dtype=torch.long)
+            k_static = float(self._round(torch.tensor(self.k_static, dtype=torch.float64)))
+            return torch.full_like(r, k_static, dtype=torch.long)
         raw = self.k_min + (self.k_max - self.k_min) * self._s(r)
-        # round half up (not torch's half-to-even) so expected_k and k agree exactly
-        k = torch.floor(raw + 0.5).clamp(math.ceil(self.k_min), math.floor(self.k_max))
+        k = self._round(raw).clamp(math.ceil(self.k_min), math.floor(self.k_max))
         return k.to(torch.long)
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        # expected_k goes through k(), so the quadrature and FLOP matching use the same rounding
+        return torch.round(x) if self.rounding == "half_even" else torch.floor(x + 0.5)
 
     def expected_k(self) -> float:
         """E[k(r)] for r ~ U(0, 1), including the rounding, by the midpoint rule."""
@@ -96,7 +109,7 @@ class TimestepCapacity:
 
     def with_k_max(self, k_max: float) -> "TimestepCapacity":
         return TimestepCapacity(self.schedule, self.k_min, k_max, sigma=self.sigma,
-                                points=self.points, k_static=self.k_static)
+                                points=self.points, k_static=self.k_static, rounding=self.rounding)
 
     def __repr__(self) -> str:
         return (f"TimestepCapacity({self.schedule!r}, k_min={self.k_min:g}, k_max={self.k_max:g}, "
@@ -138,7 +151,7 @@ def build_capacity(moe_cfg) -> TimestepCapacity:
     """The TimestepCapacity exactly as `moe.capacity` states it (no solving, no check)."""
     c = moe_cfg.capacity
     return TimestepCapacity(c.schedule, c.k_min, c.k_max, sigma=c.sigma, points=c.points,
-                            k_static=c.k_target)
+                            k_static=c.k_target, rounding=getattr(c, "rounding", "half_up"))
 
 
 def solve_capacity(moe_cfg) -> TimestepCapacity:

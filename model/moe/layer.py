@@ -115,7 +115,8 @@ class MoELayer(nn.Module):
         zero = logits_BLE.new_zeros(())
         if self.cfg.router == "expert_choice":
             k = self.expert_choice_k(mask_ratio_B, B)
-            return expert_choice(logits_BLE, k, valid_BL, self.cfg.ec_scope, self.cfg.gate_scaling), zero
+            return expert_choice(logits_BLE, k, valid_BL, self.cfg.ec_scope, self.cfg.gate_scaling,
+                                 self.cfg.num_shared_experts, self.cfg.ec_batch_capacity), zero
         logits_TE = logits_BLE.reshape(B * L, E)
         valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
         use_bias = self.cfg.bias_update_rate > 0 or self.cfg.expert_bias_in_gates

@@ -85,11 +85,15 @@ def ec_capacity(num_valid: torch.Tensor, k: torch.Tensor, num_experts: int) -> t
 
 def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
                   valid_BL: Optional[torch.Tensor] = None, scope: str = "sequence",
-                  gate_scaling: bool = False) -> Routing:
+                  gate_scaling: Union[bool, str] = False, num_shared: int = 0,
+                  batch_capacity: str = "sum") -> Routing:
     """Each expert picks its top-c tokens; gates are a softmax over the experts that picked a token.
 
     scope="sequence": per sequence b, c_b = max(floor(L_b k_b / E), 1) among its non-pad tokens.
-    scope="batch":    one selection over all T tokens, c = max(floor(sum_b L_b k_b / E), 1).
+    scope="batch":    one selection over all T tokens, c = max(floor(sum_b L_b k_b / E), 1), or with
+                      batch_capacity="reference_max" EC-DLM's max(floor(sum_b L_b max_b k_b / E), 1)
+                      (= floor(B L max_b k_b / E) without pads: more FLOPs than the schedule's E[k]).
+    gate_scaling: off/False, rms/True or reference (see gate_scale_table); num_shared is S there.
     An int k with no pad mask is the static case: C follows from shapes, with no host sync.
     """
     B, L, E = logits_BLE.shape
@@ -106,12 +110,19 @@ def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
     if scope == "sequence":
         idx_EC = _per_sequence_topc(scores_BLE, L_B, k_B, k_static)
     elif scope == "batch":
-        c = max(B * L * k_static // E, 1) if static else int(ec_capacity((L_B * k_B).sum(), 1, E))
+        if static:
+            c = max(B * L * k_static // E, 1)
+        elif batch_capacity == "reference_max":
+            c = int(ec_capacity(L_B.sum() * k_B.max(), 1, E))
+        elif batch_capacity == "sum":
+            c = int(ec_capacity((L_B * k_B).sum(), 1, E))
+        else:
+            raise ValueError(f"batch_capacity={batch_capacity!r} must be 'sum' or 'reference_max'")
         idx_EC = scores_BLE.reshape(B * L, E).t().topk(c, dim=-1, sorted=False).indices   # [E, C]
     else:
         raise ValueError(f"ec_scope={scope!r} must be 'sequence' or 'batch'")
 
-    gate_EC, picked_T = sparse_softmax_gates(scores_BLE.reshape(B * L, E), idx_EC, gate_scaling)
+    gate_EC, picked_T = sparse_softmax_gates(scores_BLE.reshape(B * L, E), idx_EC, gate_scaling, num_shared)
     unrouted_T = picked_T == 0
     if valid_BL is not None:
         unrouted_T &= valid_BL.reshape(-1)
@@ -148,7 +159,8 @@ def count_per_index(idx: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def sparse_softmax_gates(scores_TE: torch.Tensor, idx_EC: torch.Tensor,
-                         gate_scaling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         gate_scaling: Union[bool, str] = False,
+                         num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate of token i for a picking expert j = softmax of S_i over the experts that picked i.
 
     Computed on the E*C picked scores alone (per-token max by scatter_reduce, per-token sum by
@@ -165,9 +177,23 @@ def sparse_softmax_gates(scores_TE: torch.Tensor, idx_EC: torch.Tensor,
     sum_T = ex.new_zeros(T).index_add_(0, tok, ex)
     gate_EC = (ex / sum_T[tok]).view_as(idx_EC)
     n_T = count_per_index(tok, T)
-    if gate_scaling:
-        gate_EC = gate_EC * gate_scale_table(E, device=gate_EC.device)[n_T[idx_EC]]
+    method = gate_scaling_method(gate_scaling)
+    if method != "off":
+        table = gate_scale_table(E, device=gate_EC.device, method=method, num_shared=num_shared)
+        gate_EC = gate_EC * table[n_T[idx_EC]]
     return gate_EC, n_T
+
+
+def gate_scaling_method(gate_scaling: Union[bool, str]) -> str:
+    """off, rms or reference; the old boolean reads false/true as off/rms."""
+    if isinstance(gate_scaling, bool):
+        return "rms" if gate_scaling else "off"
+    if gate_scaling not in GATE_SCALINGS:
+        raise ValueError(f"gate_scaling={gate_scaling!r} must be one of {', '.join(GATE_SCALINGS)}")
+    return gate_scaling
+
+
+GATE_SCALINGS = ("off", "rms", "reference")
 
 
 @functools.lru_cache(maxsize=8)
@@ -187,7 +213,30 @@ def _gate_scale_table_cpu(num_experts: int, samples: int = 2048, seed: int = 0) 
     return f
 
 
-def gate_scale_table(num_experts: int, device=None) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def _reference_gate_scale_table_cpu(num_experts: int, num_shared: int, samples: int = 2048,
+                                    seed: int = 0) -> torch.Tensor:
+    """EC-DLM's f(n) = sqrt(S) * E[1 / ||softmax(z_1..z_n)||_2], z standard normal, S shared experts.
+
+    Two differences from the rms table: the mean is taken of 1/||g|| rather than of ||g||^2 before
+    the inverse root (Jensen: this one is 1-3.5% larger at n = 8), and the sqrt(S) factor puts the
+    routed output on the scale of the S shared experts' summed output. f(1) = sqrt(S). Same seeded
+    Monte Carlo and cache as the rms table, so every rank and run agrees.
+    """
+    g = torch.Generator().manual_seed(seed)
+    f = torch.full((num_experts + 1,), math.sqrt(num_shared), dtype=torch.float32)
+    for n in range(2, num_experts + 1):
+        gates = torch.softmax(torch.randn(samples, n, generator=g, dtype=torch.float64), dim=-1)
+        f[n] = math.sqrt(num_shared) * float(gates.norm(dim=-1).reciprocal().mean())
+    return f
+
+
+def gate_scale_table(num_experts: int, device=None, method: str = "rms", num_shared: int = 0) -> torch.Tensor:
+    """f(n) for n = 0..num_experts experts picking a token: method rms (ecdlm) or reference (EC-DLM)."""
+    if method == "reference":
+        return _reference_gate_scale_table_cpu(num_experts, num_shared).to(device)
+    if method != "rms":
+        raise ValueError(f"gate scale table method={method!r} must be rms or reference")
     return _gate_scale_table_cpu(num_experts).to(device)
 
 

@@ -56,12 +56,16 @@ def schedule_shape(schedule, r, sigma, points):
 
 
 def experts_per_token(cap, r_B):
-    """k_b: round half up of k_min + (k_max - k_min) s(r_b), clamped to [ceil k_min, floor k_max]."""
+    """k_b: round (half up, or half to even for rounding=half_even) of k_min + (k_max - k_min) s(r_b),
+    clamped to [ceil k_min, floor k_max]."""
+    half_even = cap.get("rounding", "half_up") == "half_even"   # exports before the option: half up
+    rnd = torch.round if half_even else (lambda x: torch.floor(x + 0.5))
     if cap["schedule"] == "static":
-        return torch.full(r_B.shape, math.floor(cap["k_target"] + 0.5), dtype=torch.long, device=r_B.device)
+        k = float(rnd(torch.tensor(float(cap["k_target"]), dtype=torch.float64)))
+        return torch.full(r_B.shape, k, dtype=torch.long, device=r_B.device)
     r = r_B.to(torch.float64)
     raw = cap["k_min"] + (cap["k_max"] - cap["k_min"]) * schedule_shape(cap["schedule"], r, cap["sigma"], cap["points"])
-    return torch.floor(raw + 0.5).clamp(math.ceil(cap["k_min"]), math.floor(cap["k_max"])).long()
+    return rnd(raw).clamp(math.ceil(cap["k_min"]), math.floor(cap["k_max"])).long()
 
 
 # ---- routing: which experts process which token, with which gate (dense [T, E] gates) -------------
@@ -269,7 +273,7 @@ class EcdlmForMaskedLM(PreTrainedModel):
         k_B = experts_per_token(moe["capacity"], r_B) if moe["router"] == "expert_choice" else None
         table = self.config.gate_scale_table
         scale_table = (torch.tensor(table, dtype=torch.float32, device=dev)
-                       if moe.get("gate_scaling") and table is not None else None)
+                       if moe.get("gate_scaling") not in (None, False, "off") and table is not None else None)
         hd = m["d_model"] // m["n_heads"]
         inv_freq = 1.0 / m["rope_theta"] ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd)
         angles = torch.outer(torch.arange(L, device=dev, dtype=torch.float32), inv_freq)

@@ -77,6 +77,26 @@ def test_local_tasks_run_end_to_end(two_runs, tmp_path):
     assert "ecdlm_test_mc" in proc.stdout and "acc" in proc.stdout   # lm_eval printed its table
 
 
+def test_solves_a_task_the_model_was_trained_on(colour_run, tmp_path):
+    """lm_eval's multiple choice (ranking the choices by the ELBO) on the colour task a tiny model
+    was trained on (test_multiple_choice; chance 0.25): far above chance."""
+    name = "ecdlm_test_colours"
+    (tmp_path / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {colour_run['task']}\n"
+        f"test_split: test\n" + TASKS["ecdlm_test_mc"])
+    out = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "evaluation.lm_eval_adapter", "--model", "ecdlm",
+                           "--model_args", f"path={colour_run['checkpoint']},mc_num=8,mc_batch_size=8,greedy_check=false",
+                           "--tasks", name, "--include_path", str(tmp_path), "--output_path", str(out),
+                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (results,) = [json.loads(f.read_text())["results"] for f in out.rglob("results_*.json")]
+    acc = results[name]["acc,none"]
+    assert acc >= 0.7 and acc * 24 == round(acc * 24), results[name]
+
+
 class _Req:
     def __init__(self, *args):
         self.args = args
@@ -84,7 +104,7 @@ class _Req:
 
 def _adapter(make_table, **opts):
     from tests.evaluation.conftest import FixedLogits, tiny_config
-    from tests.evaluation.test_mc_eval import WordTokenizer
+    from tests.evaluation.test_multiple_choice import WordTokenizer
     from evaluation.lm_eval_adapter import ECDLM
     tok = WordTokenizer([f"w{i}" for i in range(12)])   # ids 4..15
     model = FixedLogits(make_table(tok), tiny_config("dense", vocab=16, max_seq_len=32))

@@ -64,8 +64,9 @@ def training_rows(items, tok) -> list:
     return rows
 
 
-def train_tiny(items, tok, steps: int = 150, seed: int = 0) -> DiffusionTransformer:
-    cfg = tiny_config("expert_choice", vocab=len(tok.words), max_seq_len=32)
+def train_tiny(items, tok, steps: int = 150, seed: int = 0, vocab: int = None,
+               max_seq_len: int = 32) -> DiffusionTransformer:
+    cfg = tiny_config("expert_choice", vocab=vocab or len(tok.words), max_seq_len=max_seq_len)
     model = DiffusionTransformer(cfg, seed=seed)
     rows = training_rows(items, tok)
     L = max(len(p) + len(a) for p, a in rows)
@@ -188,6 +189,27 @@ def test_command_line_on_a_real_run(two_runs, tmp_path):
         assert proc.returncode == 0, proc.stderr
         res = json.loads(proc.stdout)
         assert res["n"] == 2 and res["mode"] == mode and 0.0 <= res["acc"] <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["likelihood", "single_mask"])
+def test_command_line_solves_a_task_the_model_was_trained_on(colour_run, mode):
+    """The CLI on a checkpoint of a model trained on the colour task (sentencepiece tokenizer,
+    safetensors checkpoint): far above chance (0.25), and the same numbers as evaluate_mc on the
+    model in memory, so loading changed nothing."""
+    import os
+    import subprocess
+    import sys
+    from tests.trainer.launch import ROOT
+    proc = subprocess.run([sys.executable, "-m", "evaluation.multiple_choice", str(colour_run["checkpoint"]),
+                           "--task", str(colour_run["task"]), "--mode", mode, "--mc-num", "8", "--batch-size", "8",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["n"] == N_ITEMS and res["mode"] == mode
+    assert res["acc"] >= 0.7, res
+    here = evaluate_mc(colour_run["model"], colour_run["tokenizer"], colour_run["items"], mode, mc_num=8, batch_size=8)
+    assert {k: res[k] for k in here} == here
 
 
 def _eval_expert_parallel(rank, world, state, vocab, capacity, items, words):

@@ -125,6 +125,21 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return max(abs(a[k][s] - b[k][s]) / abs(a[k][s]) for k in ("train", "val") for s in a[k])
 
 
+def test_comparison_names_the_first_step_that_moved():
+    """The check itself, on the stored curve: a change under the tolerance passes; over it, the
+    earliest step is named even when later ones moved more; a missing step counts as moved."""
+    _, expected = read_golden(GOLDEN)
+    got = {kind: dict(curve) for kind, curve in expected.items()}
+    got["train"][3] *= 1 + 0.5 * REL_TOL
+    assert first_moved(expected, got, REL_TOL) is None
+    got["val"][10] *= 1 + 3 * REL_TOL
+    got["train"][17] *= 1.01
+    step, kind, want, have, diff = first_moved(expected, got, REL_TOL)
+    assert (step, kind, want) == (10, "val", expected["val"][10]) and diff == pytest.approx(3 * REL_TOL)
+    del got["train"][2]
+    assert first_moved(expected, got, REL_TOL)[:2] == (2, "train")
+
+
 @pytest.mark.slow
 def test_tiny_preset_reproduces_golden_loss_curve(tmp_path):
     if not (DATA / "meta.json").exists():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from tests.evaluation.test_multiple_choice import colour_run  # noqa: F401 (a fixture: the trained colour run)
 from tests.trainer.launch import ROOT
 
 MC = [{"question": "import os\nimport", "choices": ["sys", "zzzz qqq"], "answer": 0},
@@ -79,7 +80,7 @@ def test_local_tasks_run_end_to_end(two_runs, tmp_path):
 
 def test_solves_a_task_the_model_was_trained_on(colour_run, tmp_path):
     """lm_eval's multiple choice (ranking the choices by the ELBO) on the colour task a tiny model
-    was trained on (test_multiple_choice; chance 0.25): far above chance."""
+    was trained on (tests/evaluation/test_multiple_choice.py; chance 0.25): far above chance."""
     name = "ecdlm_test_colours"
     (tmp_path / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {colour_run['task']}\n"

@@ -96,6 +96,44 @@ def trained():
     return train_tiny(items, tok), tok, items
 
 
+@pytest.fixture(scope="session")
+def colour_run(tmp_path_factory):
+    """A run directory the command-line tools load (also test_lm_eval_adapter's), of a tiny model
+    trained to solve the colour task above (chance 0.25), with a real sentencepiece tokenizer
+    trained on its text (vocab 400: every word one piece, so the prompts stay short) and a
+    safetensors checkpoint. Returns {"checkpoint", "task" (JSON lines), "items", "model", "tokenizer"}."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from evaluation.hf.ecdlm_format import sections
+    from evaluation.loading import Tokenizer
+    from evaluation.multiple_choice import continuation, single_mask_prompt
+    from trainer.checkpoints import COMPLETE, tag_for
+    from trainer.data.tokenizer import load_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("colour_run")
+    items = make_task()
+    texts = [single_mask_prompt(it) + " " + "ABCD"[it.answer] for it in items]
+    texts += [it.prompt + continuation(it.prompt, c) for it in items for c in it.choices]
+    blob = train_tokenizer(texts * 4, 400, "bpe", 1)
+    (root / "data").mkdir()
+    (root / "data" / "tokenizer.model").write_bytes(blob)
+    sp, info = load_tokenizer(blob)
+    tok = Tokenizer(sp, info.pad_id, info.eod_id, info.mask_id, info.vocab_size)
+    model = train_tiny(items, tok, vocab=info.vocab_size, max_seq_len=96)
+    run = {**sections(model.cfg), "train": {"run_name": "colours", "output_dir": str(root), "seq_len": 96},
+           "data": {"path": str(root / "data")}}
+    (root / "config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+    ckpt = root / "checkpoints" / tag_for(150)
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    (ckpt / COMPLETE).write_text("")
+    task = root / "colours.jsonl"
+    task.write_text("".join(json.dumps({"question": it.prompt, "choices": it.choices, "answer": it.answer}) + "\n"
+                            for it in items))
+    return {"checkpoint": ckpt, "task": task, "items": items, "model": model, "tokenizer": tok}
+
+
 def test_untrained_model_is_near_chance():
     items = make_task()
     tok = tokenizer_for(items)

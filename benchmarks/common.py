@@ -142,16 +142,57 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+# ISA extensions that decide CPU matmul speed (oneDNN picks its kernels by them)
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+              "amx_int8", "avx_vnni")
+
+
+def cpu_info() -> dict:
+    """The CPU's model, its matmul-relevant ISA flags and core counts (Linux /proc/cpuinfo)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "isa": [f for f in _ISA_FLAGS if f in flags],
+            "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def gpu_info(device: torch.device) -> dict:
+    p = torch.cuda.get_device_properties(device)
+    return {"gpu": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+            "gpu_mem_gb": round(p.total_memory / 2**30, 1), "cuda_runtime": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version()}
+
+
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
+    """Everything a timing depends on: CPU model, ISA flags and cores, the GPU, the torch build."""
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "host": socket.gethostname(),
+            **cpu_info()}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        info.update(gpu_info(device))
     # allocator and threading settings change CPU timings a lot (see benchmarks/README.md)
     info["env"] = {k: v for k, v in os.environ.items()
                    if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_")) or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
     return info
+
+
+def machine_line(info: dict) -> str:
+    """One line naming the machine, for the top of every printed table."""
+    cpu = (f"{info.get('cpu_model')} ({', '.join(info.get('isa') or []) or 'no AVX2'}), "
+           f"{info.get('cpus_usable') or info.get('cpu_count')} cores, {info.get('threads')} threads")
+    gpu = f"{info['gpu']} (sm {info['capability']}, CUDA {info['cuda_runtime']}); " if "gpu" in info else ""
+    return f"machine: {gpu}{cpu}; torch {info.get('torch')}; {info.get('dtype')}; {info.get('date')}"
 
 
 def write_json(path: str, meta: dict, rows: list[dict]) -> None:

@@ -1,0 +1,57 @@
+"""Host syncs per training step, counted on the CPU (benchmarks/host_syncs.py): every one of them
+stalls a GPU's queue, so a new one in the routed path must be a decision, not an accident."""
+import torch
+
+from benchmarks.host_syncs import CONFIGS, HostSyncCounter, training_step_syncs
+
+
+def test_counter_sees_each_kind_of_sync():
+    x = torch.randn(6)
+    m = x > 0
+    with HostSyncCounter() as sc:
+        x.sum().item()                       # read
+        bool(m.any())                        # read
+        x[m]                                 # shape (boolean index)
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]))   # upload + shape
+        x.tolist()                           # host
+        torch.zeros(6).index_put_((m,), torch.tensor(1.0))           # upload + shape
+        x.index_select(0, torch.arange(3))   # no sync
+    assert sc.by_kind() == {"read": 2, "shape": 3, "upload": 2, "host": 1}
+
+
+def test_counter_sees_the_backward():
+    x = torch.randn(6, requires_grad=True)
+    m = x.detach() > 0
+    with HostSyncCounter() as sc:
+        x[m].sum().backward()   # the forward finds the rows, and its backward finds them again
+    assert sc.by_kind() == {"shape": 2}
+
+
+def test_ec_static_training_step_has_no_sync_in_its_moe_layers():
+    """forward_loss + backward of a 2-layer EC static model. The two syncs outside the layers are
+    the masked positions found once for the output head and once for the loss (their number
+    depends on the draw); none is in model/moe/."""
+    sc = training_step_syncs(CONFIGS["ec_static"]())
+    assert sc.count("model/moe/") == 0, sc.by_site()
+    assert sc.total == 2, sc.by_site()
+    assert sc.count("model/transformer.py", {"shape"}) == 1 and sc.count("model/diffusion.py", {"shape"}) == 1
+
+
+def test_ec_dynamic_reads_one_value_per_layer():
+    """linear_reverse capacity: each layer reads its capacities (max and sum, one transfer)."""
+    cfg = CONFIGS["ec_linear_reverse"]()
+    sc = training_step_syncs(cfg)
+    assert sc.count("model/moe/") == cfg.model.n_layers, sc.by_site()
+    assert sc.total == cfg.model.n_layers + 2, sc.by_site()
+
+
+def test_token_choice_with_capacity_and_dropless_routing_have_no_sync():
+    """Without padding, TC's routing has fixed shapes (dropless: T*k rows; cf: E*C slots plus a
+    dump slot) and the grouped matmul takes its offsets on the device. Where the CPU build has no
+    grouped matmul, the per-expert loop reads the counts back once per layer."""
+    from model.moe.experts import grouped_mm_supported
+    for name in ("tc_cf1", "tc_dropless"):
+        cfg = CONFIGS[name]()
+        sc = training_step_syncs(cfg)
+        loop = name == "tc_dropless" and not grouped_mm_supported(torch.zeros(1))
+        assert sc.count("model/moe/") == (cfg.model.n_layers if loop else 0), (name, sc.by_site())

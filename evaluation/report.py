@@ -66,13 +66,14 @@ def router_tag(cfg) -> str:
 
 def load_runs(paths: list, names: Optional[list] = None) -> list:
     from trainer.config import load_config
+    from trainer.metrics import decode_row   # "nan" / "inf" / "-inf" back to floats
     runs = []
     for i, path in enumerate(paths):
         mpath = os.path.join(path, "metrics.jsonl")
         if not os.path.exists(mpath):
             raise FileNotFoundError(f"{path}: no metrics.jsonl (is this a run directory?)")
         with open(mpath) as f:
-            rows = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r.get("step", 0))
+            rows = sorted((decode_row(json.loads(line)) for line in f if line.strip()), key=lambda r: r.get("step", 0))
         cfg, notes = None, []
         try:
             cfg = load_config(os.path.join(path, "config.yaml"))

@@ -18,6 +18,10 @@
 #        0  finished                          -> exit 0
 #        85 checkpointed after SIGUSR1        -> scontrol requeue (same job id) and exit 0
 #        86 checkpointed after SIGTERM        -> exit 0 (clean stop, no requeue)
+#        87 stopped on a non-finite loss or gradient (train.nonfinite) -> exit 87, no requeue
+#                                                (a retry would diverge the same way)
+#        88 watchdog: no step within train.hang_timeout_s (stacks in the log) -> requeue like a
+#                                                failure (counts against MAX_REQUEUES)
 #        in NO_RETRY_STATUSES (default 2, the trainer's "bad configuration or input")
 #                                             -> exit with that status, no requeue
 #        other (failure)                      -> requeue while SLURM_RESTART_COUNT < MAX_REQUEUES,
@@ -169,6 +173,18 @@ ecdlm_train() {
     86)
       ecdlm_log "status 86: checkpointed after SIGTERM, stopping cleanly without requeue"
       exit 0 ;;
+    87)
+      ecdlm_log "status 87: training diverged (non-finite loss or gradient; the step and value are in the" \
+        "log); not requeueing: a retry from the same checkpoint would diverge again (lower optim.lr)"
+      exit 87 ;;
+    88)
+      if [ "$restarts" -lt "$MAX_REQUEUES" ]; then
+        ecdlm_log "status 88: hang (no step within train.hang_timeout_s; every live rank's stack is in the" \
+          "log); requeue $((restarts + 1)) of at most $MAX_REQUEUES, resuming from the newest complete checkpoint"
+        ecdlm_requeue "hang, status 88" || exit 88
+      fi
+      ecdlm_log "status 88: hang; requeue limit reached (MAX_REQUEUES=$MAX_REQUEUES), exiting with status 88"
+      exit 88 ;;
     *)
       if [[ " $NO_RETRY_STATUSES " == *" $rc "* ]]; then
         ecdlm_log "training FAILED with status $rc, listed in NO_RETRY_STATUSES='$NO_RETRY_STATUSES'" \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -36,6 +37,12 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
     grad_clip: float = 1.0
     peak_tflops: Optional[float] = None       # for MFU; None = detect (unknown on CPU -> null)
+    # faults (README "Faults and exit statuses")
+    nonfinite: Literal["skip", "stop"] = "skip"   # a step with a non-finite loss or gradient
+    max_skipped_steps: int = 10               # skip: stop (exit 87) after this many skipped steps in a row
+    comm_timeout_s: float = 900.0             # every collective of every process group (a backstop: exit 1)
+    setup_timeout_s: float = 900.0            # watchdog: start-up to the first completed step (exit 88)
+    hang_timeout_s: float = 600.0             # watchdog: between completed steps and saves; 0: no watchdog
 
 
 @dataclass
@@ -159,6 +166,13 @@ def validate_train(cfg: RunConfig) -> None:
         raise ConfigError("optim: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, 0 < decay_fraction <= 1")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.max_skipped_steps < 0:
+        raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0")
+    for name in ("comm_timeout_s", "setup_timeout_s"):
+        if not getattr(t, name) > 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be > 0 seconds")
+    if t.hang_timeout_s < 0:
+        raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 seconds (0 disables the watchdog)")
     validate_tasks(cfg.eval.tasks)
 
 
@@ -187,7 +201,22 @@ def parse_override(item: str) -> tuple[list, object]:
     key, raw = item.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.split("."), parse_value(raw)
+
+
+def parse_value(raw: str):
+    """YAML, except that a decimal number is a number: YAML 1.1 reads `3e-4` and `1e8` (no dot,
+    or an unsigned exponent) as strings. Everything else keeps its YAML meaning (true, null,
+    .inf, [1, 2]; other words stay strings)."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _NUMBER.fullmatch(raw.strip()):
+        return float(raw)
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def apply_override(tree: dict, path: list, value) -> None:

@@ -48,11 +48,31 @@ class JsonlSink:
         self.f = open(path, "a", buffering=1)
 
     def log(self, row: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self.f.write(json.dumps(clean) + "\n")
+        self.f.write(json.dumps(encode_row(row)) + "\n")
 
     def close(self) -> None:
         self.f.close()
+
+
+# metrics.jsonl spells non-finite numbers as these strings: null means "not logged", and bare NaN /
+# Infinity are not JSON (jq and most readers refuse them)
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def encode_row(row: dict) -> dict:
+    return {k: (("nan" if math.isnan(v) else "inf" if v > 0 else "-inf")
+                if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def decode_row(row: dict) -> dict:
+    """A metrics.jsonl row with "nan", "inf" and "-inf" read back as floats."""
+    return {k: (_NONFINITE[v] if isinstance(v, str) and v in _NONFINITE else v) for k, v in row.items()}
+
+
+def read_rows(path: str) -> list:
+    """Every row of a metrics.jsonl file, decoded."""
+    with open(path) as f:
+        return [decode_row(json.loads(line)) for line in f if line.strip()]
 
 
 def drop_rows_after(path: str, step: int) -> None:

@@ -20,7 +20,13 @@ def load_meta(path: Union[str, Path]) -> dict:
             f"{file} does not exist: {path} is not a prepared dataset "
             "(run `python -m trainer.data prepare --out DIR` first)"
         )
-    meta = json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{file} is not valid JSON ({err}): the prepared dataset is damaged; re-run prepare") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{file} holds a JSON {type(meta).__name__}, not an object: the prepared dataset is "
+                        "damaged; re-run prepare")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(

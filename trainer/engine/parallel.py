@@ -17,8 +17,11 @@ Process groups themselves start in `init_distributed` below.
 """
 from __future__ import annotations
 
+import datetime
+
 import deepspeed
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 import torch.nn as nn
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -29,6 +32,33 @@ from model.config import ConfigError
 
 # DeepSpeed's op-builder name for its CPU shared-memory all-reduce (ops/op_builder/cpu/comm.py).
 _SHM_ALLREDUCE_OP = "deepspeed_shm_comm"
+
+
+def set_comm_timeout(seconds: float) -> None:
+    """Bound every collective of every process group the run creates, before any exists.
+
+    DeepSpeed creates its groups (expert-parallel and expert-data-parallel in
+    utils/groups.py, the engine's data-parallel clone of the world) with `dist.new_group(ranks)`
+    and no timeout, so they get torch's default (30 minutes for gloo, 10 for NCCL), whatever
+    DEEPSPEED_TIMEOUT or init_process_group was given. new_group reads that default from
+    distributed_c10d's module globals when it is called (`_get_default_timeout`), so setting them
+    here reaches every group created later; the world group gets it through init_distributed."""
+    timeout = datetime.timedelta(seconds=seconds)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def group_timeouts() -> dict:
+    """{name: timeout} of the world group and our expert groups (for tests and the log)."""
+    def timeout(group):
+        backend = group._get_backend(group._device_types[0])
+        return backend.options._timeout
+    out = {"world": timeout(distributed_c10d._get_default_group())}
+    for name, group in groups._get_expert_parallel_group_dict().items():
+        out[f"expert_parallel/{name}"] = timeout(group)
+    for name, group in groups._get_expert_data_parallel_group_dict().items():
+        out[f"expert_data_parallel/{name}"] = timeout(group)
+    return out
 
 
 def init_distributed(**kwargs) -> None:
@@ -44,6 +74,8 @@ def init_distributed(**kwargs) -> None:
     it (comm/torch.py: build_shm_op returns None) and use torch.distributed's all-reduce.
     """
     deepspeed.ops.__compatible_ops__[_SHM_ALLREDUCE_OP] = False
+    # DeepSpeed's own default was bound when it was imported; pass the one set_comm_timeout chose
+    kwargs.setdefault("timeout", distributed_c10d.default_pg_timeout)
     deepspeed.init_distributed(**kwargs)
 
 

@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: device choice, interleaved timing, tables, JSON.
+"""Shared benchmark plumbing: device choice, other processes' CPU load (ForeignLoad for a block,
+RunMonitor for a process tree), interleaved timing, tables, JSON.
 
 Benchmarks measure and report; nothing here asserts on time (see DESIGN.md, "Performance method").
 """
@@ -10,6 +11,7 @@ import os
 import platform
 import socket
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -58,12 +60,7 @@ class ForeignLoad:
 
     @staticmethod
     def _busy() -> float:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-        except OSError:
-            return 0.0
-        return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")   # user nice system irq softirq
+        return busy_cpu_seconds(irq=True)
 
     def __enter__(self):
         t = os.times()
@@ -77,6 +74,18 @@ class ForeignLoad:
         self.cores = max(self._busy() - busy0 - (t.user + t.system - own0), 0.0) / wall
 
 
+def busy_cpu_seconds(irq: bool) -> float:
+    """CPU seconds the machine spent busy (/proc/stat): user, nice and system time, plus irq and
+    softirq time when `irq`. Leave those out where gloo runs: the kernel bills loopback traffic
+    there, to no process, so it would read as another process's load. 0 off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(v[0:3]) + (v[5] + v[6] if irq else 0)) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_for_idle(max_wait_s: float, threshold_cores: float = 0.1) -> float:
     """Sleep until other processes use under `threshold_cores` for a 2 s window; returns seconds waited."""
     t0 = time.perf_counter()
@@ -86,6 +95,104 @@ def wait_for_idle(max_wait_s: float, threshold_cores: float = 0.1) -> float:
         if load.cores < threshold_cores:
             break
     return time.perf_counter() - t0
+
+
+def _proc_stat(pid: int):
+    """(ppid, CPU seconds of the process and its reaped children) from /proc/PID/stat, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the comm: state ppid ... utime(12) stime(13) cutime(14) cstime(15), 0-based from state
+    return int(fields[1]), sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+class RunMonitor(threading.Thread):
+    """Samples the machine while a process tree runs (a launched training run, or processes this
+    one spawned): busy CPU without irq time (busy_cpu_seconds) minus the CPU of the tree = what
+    other processes used. With a metrics.jsonl path it notes when each row appears, so every logged
+    window gets its own 'other processes' figure and a window a neighbour disturbed can be told
+    apart from a clean one. Linux only; reports 0 elsewhere."""
+
+    def __init__(self, root_pid: int, metrics_path: str = os.devnull, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.root, self.path, self.interval = root_pid, metrics_path, interval
+        self.samples: list[tuple[float, float, float]] = []   # (time, busy cpu s, our cpu s)
+        self.rows: list[tuple[int, bool, int]] = []            # (step, is a train window, sample index)
+        self.pids: set = {root_pid}
+        self._halt = threading.Event()
+        self._offset = 0
+
+    def _descendants(self) -> set:
+        children: dict = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                st = _proc_stat(int(name))
+                if st is not None:
+                    children.setdefault(st[0], []).append(int(name))
+        out, todo = set(), [self.root]
+        while todo:
+            pid = todo.pop()
+            out.add(pid)
+            todo += children.get(pid, [])
+        return out
+
+    def _sample(self, rescan: bool) -> None:
+        if rescan:
+            self.pids |= self._descendants()
+        # live processes of the tree (with the children they reaped), plus this process and the
+        # children it reaped: a process's CPU moves into its parent's count when it is reaped
+        ours = sum(st[1] for st in map(_proc_stat, self.pids) if st is not None)
+        t = os.times()
+        ours += t.user + t.system + t.children_user + t.children_system
+        self.samples.append((time.perf_counter(), busy_cpu_seconds(irq=False), ours))
+        try:
+            with open(self.path) as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return
+        lines = chunk.split("\n")
+        self._offset += len(chunk) - len(lines[-1])   # a partial last line is read again next time
+        for line in lines[:-1]:
+            if line.strip():
+                row = json.loads(line)
+                self.rows.append((row["step"], row.get("perf/step_s") is not None, len(self.samples) - 1))
+
+    def run(self) -> None:
+        n = 0
+        while not self._halt.is_set():
+            self._sample(rescan=n % 10 == 0 or n < 25)   # often while the launcher spawns ranks
+            n += 1
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self._sample(rescan=False)
+
+    def _foreign(self, i: int, j: int) -> float:
+        (t0, b0, o0), (t1, b1, o1) = self.samples[i], self.samples[j]
+        return max((b1 - b0) - (o1 - o0), 0.0) / max(t1 - t0, 1e-9)
+
+    def window_foreign_cores(self) -> dict:
+        """Step of each train window -> other processes' cores from the previous row to this one."""
+        out = {}
+        for (_, _, i), (step, train, j) in zip(self.rows, self.rows[1:]):
+            if train and j > i:
+                out[step] = self._foreign(i, j)
+        return out
+
+    def foreign_between(self, t0: float, t1: float) -> float:
+        """Other processes' cores between two perf_counter times (the nearest samples)."""
+        times = [x[0] for x in self.samples]
+        i = max(min(range(len(times)), key=lambda k: abs(times[k] - t0)), 0)
+        j = min(range(len(times)), key=lambda k: abs(times[k] - t1))
+        return self._foreign(i, j) if j > i else 0.0
+
+    def run_foreign_cores(self) -> float:
+        return self._foreign(0, len(self.samples) - 1) if len(self.samples) > 1 else 0.0
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeat: int, device: torch.device,

@@ -424,3 +424,146 @@ def test_exported_config_holds_every_field_and_the_capacity_schedule(tmp_path):
         assert imports <= {"math", "torch", "transformers", ""}, (code, imports)
     cfg2, state = load_hf_dir(str(tmp_path / "x"))
     assert cfg2 == cfg and set(state) == set(DiffusionTransformer(cfg).state_dict())
+
+
+# ---- trained runs: real trainer launches, exported by the CLI ------------------------------------
+def start_twin_runs(small_corpus, root):
+    """A dense run (1 process, 24 steps), and two 2-step EC runs on the same batches: 1 process
+    (ep=1) and 2 processes through the deepspeed launcher with moe.ep_size=2."""
+    from tests.evaluation.conftest import start_run
+    from tests.trainer.launch import launch, tiny_overrides
+    short = {"train.max_steps": 2, "train.save_every": 2, "train.eval_every": 2}
+    procs = {"dense": start_run(small_corpus, root / "dense", **{"moe.router": "dense"}),
+             "ep1": start_run(small_corpus, root / "ep1", **short)}
+    try:
+        launch(2, tiny_overrides(small_corpus, root / "ep2", **short, **{"moe.ep_size": 2}), timeout=900)
+        for name, p in procs.items():
+            out, _ = p.communicate(timeout=900)
+            assert p.returncode == 0, f"{name} run failed:\n{out[-4000:]}"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {name: root / name for name in ("dense", "ep1", "ep2")}
+
+
+@pytest.fixture(scope="module")
+def runs(two_runs, small_corpus, tmp_path_factory):
+    return {**two_runs, **start_twin_runs(small_corpus, tmp_path_factory.mktemp("hf_runs"))}
+
+
+def export_cli(run, out, *extra) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "evaluation.hf", "export", str(run), str(out), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def sample_cli(run, prompt, gen) -> list:
+    proc = subprocess.run([sys.executable, "-m", "evaluation.sample", str(run), "--prompt", prompt, "--gen-length",
+                           str(gen), "--steps", str(gen), "--temperature", "0", "--json", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.strip().splitlines()[0])
+    assert isinstance(row["completion"], str) and len(row["completion_ids"]) == gen
+    return row["completion_ids"]
+
+
+def test_trained_runs_load_through_transformers_match_logits_and_sample_the_same(runs, tmp_path):
+    from evaluation.loading import load_run
+    from evaluation.inference import mask_ratio
+    prompt, gen = "def add(a, b):\n    return", 12
+    jobs, refs, sampled = [], {}, {}
+    for name in ("ec", "tc", "dense"):
+        out = tmp_path / name
+        # the EC export is sharded: transformers then loads it through model.safetensors.index.json
+        export_cli(runs[name], out, *(["--max-shard-size", "64KB"] if name == "ec" else []))
+        model, cfg, tok = load_run(str(runs[name]))
+        g = torch.Generator().manual_seed(5)
+        ids = torch.randint(4, 1024, (3, 40), generator=g)
+        ids[torch.rand(3, 40, generator=g) < torch.tensor([[0.1], [0.5], [0.9]])] = cfg.model.mask_id
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        valid[1, :6] = False
+        ids[1, :6] = cfg.model.pad_id
+        with torch.no_grad():
+            refs[name] = (model(ids, mask_ratio(ids, valid, cfg.model.mask_id), valid).logits, valid)
+        save_file({"ids": ids, "valid": valid}, str(tmp_path / f"{name}.in.safetensors"))
+        jobs.append({"dir": str(out), "inputs": str(tmp_path / f"{name}.in.safetensors"),
+                     "out": str(tmp_path / f"{name}.out.safetensors"), "prompt": prompt, "gen": gen})
+        sampled[name] = (tok.encode(prompt), sample_cli(runs[name], prompt, gen))
+    assert len([f for f in os.listdir(tmp_path / "ec") if f.endswith(".safetensors")]) > 1
+    assert os.path.exists(tmp_path / "ec" / "model.safetensors.index.json")
+    result = run_without_repo(tmp_path, jobs)
+    for name, (ref, valid) in refs.items():
+        got = read_safetensors_file(tmp_path / f"{name}.out.safetensors")["logits"]
+        assert float((got - ref)[valid].abs().max()) < 1e-5, name
+        hf = result[str(tmp_path / name)]
+        assert hf["prompt_ids"] == sampled[name][0], name            # AutoTokenizer encodes as ecdlm does
+        assert hf["completion_ids"] == sampled[name][1], name         # greedy HF sampling = evaluation.sample
+
+
+def test_sharded_export_reloads_to_the_same_state(runs, tmp_path):
+    from evaluation.loading import full_model_state
+    from evaluation.hf.safetensors_io import INDEX
+    export_cli(runs["tc"], tmp_path / "sharded", "--max-shard-size", "50KB")
+    index = json.load(open(tmp_path / "sharded" / INDEX))
+    files = set(index["weight_map"].values())
+    per_file = {f: [t for t, g in index["weight_map"].items() if g == f] for f in files}
+    # every shard holds at most 50 KB of tensors, or one tensor that is bigger by itself
+    assert len(files) > 3 and all(len(names) == 1 or os.path.getsize(tmp_path / "sharded" / f) < 50_000 + 8_000
+                                  for f, names in per_file.items())
+    cfg, state = load_hf_dir(str(tmp_path / "sharded"))
+    ckpt_state = full_model_state(str(sorted((runs["tc"] / "checkpoints").glob("step_*"))[-1]))
+    assert sorted(state) == sorted(ckpt_state) and all(torch.equal(state[k], ckpt_state[k]) for k in state)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in state.values())
+
+
+def test_export_of_an_ep2_checkpoint_equals_the_ep1_one(runs, tmp_path):
+    """The 2-process ep=2 checkpoint holds its experts in two rank files; the export reassembles
+    them. Same initial weights and batches, 2 steps: equal up to the float rounding of the
+    different reduction order (the trainer's own tests bound the losses the same way)."""
+    export_cli(runs["ep1"], tmp_path / "ep1")
+    export_cli(runs["ep2"], tmp_path / "ep2")
+    a, b = read_safetensors_dir(str(tmp_path / "ep1")), read_safetensors_dir(str(tmp_path / "ep2"))
+    assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)
+    experts = [k for k in a if "experts" in k]
+    assert experts and all(a[k].shape[0] == 16 for k in experts)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    ca, cb = (json.load(open(tmp_path / d / "config.json")) for d in ("ep1", "ep2"))
+    assert ca["ecdlm"] == cb["ecdlm"] and cb["ecdlm"]["moe"]["ep_size"] == 1
+
+
+def test_a_run_that_does_not_fit_llada_moe_is_refused_before_writing(runs, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "evaluation.hf", "export", str(runs["ec"]), str(tmp_path / "x"),
+                           "--format", "llada-moe"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "moe.router=expert_choice" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# ---- Hugging Face tokenizer.json wherever the sentencepiece model is used -------------------------
+def test_prepare_with_a_tokenizer_json_writes_the_same_tokens_as_the_sentencepiece_model(small_corpus, tmp_path):
+    """The converted tokenizer.json (what an ecdlm export ships) given to `trainer.data prepare
+    --tokenizer` yields byte-identical shards, and the evaluation loader reads it."""
+    from evaluation.hf.tokenizer import sentencepiece_to_tokenizer_json
+    from evaluation.loading import load_tokenizer
+    from trainer.data.tokenizer import load_tokenizer as load_sp
+    sp, info = load_sp(str(small_corpus / "tokenizer.model"))
+    tok_json = tmp_path / "tokenizer.json"
+    tok_json.write_text(sentencepiece_to_tokenizer_json(sp))
+    out = tmp_path / "prepared"
+    proc = subprocess.run([sys.executable, "-m", "trainer.data", "prepare", "--out", str(out), "--max-docs", "150",
+                           "--tokenizer", str(tok_json), "--num-workers", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for split in ("train", "val"):
+        ours = sorted(p.relative_to(out) for p in (out / split).rglob("*") if p.suffix in (".bin", ".npy"))
+        theirs = sorted(p.relative_to(small_corpus) for p in (small_corpus / split).rglob("*") if p.suffix in (".bin", ".npy"))
+        assert ours == theirs and ours
+        for rel in ours:
+            assert (out / rel).read_bytes() == (small_corpus / rel).read_bytes(), rel
+    hf = load_tokenizer(str(tmp_path))   # a directory holding only tokenizer.json
+    assert (hf.pad_id, hf.eod_id, hf.mask_id, hf.vocab_size) == (info.pad_id, info.eod_id, info.mask_id, info.vocab_size)
+    text = "def add(a, b):\n    return a + b  # 42\n\tüñí 🙂"
+    assert hf.encode(text) == list(sp.encode(text)) and hf.decode(hf.encode(text)) == text

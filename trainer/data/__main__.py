@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default: 0.02)")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size to train (default: 4096)")
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece model type")
-    p.add_argument("--tokenizer", metavar="PATH.model", help="use this sentencepiece model instead of training one")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="use this sentencepiece model (.model) or Hugging Face tokenizer.json instead of training one")
     p.add_argument(
         "--tokenizer-sample-bytes", type=int, default=32_000_000,
         help="train the tokenizer on this much train text (default: 32000000)",

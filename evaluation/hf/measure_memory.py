@@ -1,0 +1,71 @@
+"""Peak memory of an export: `python -m evaluation.hf.measure_memory WORK_DIR [--shard-size 1GB]`.
+
+Writes a synthetic checkpoint of a ~0.9B-parameter MoE (3.6 GB fp32; experts split over two
+ranks' fragment files, as an ep=2 run leaves them) in the trainer's checkpoint format, then runs
+`python -m evaluation.hf export` on it in a child process and reports that process's peak
+resident memory (ru_maxrss) against the model's size. Numbers, not assertions: see README.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+import yaml
+
+from model import DiffusionTransformer, ModelConfig, from_dict
+from trainer.checkpoint_store import WEIGHTS, FragmentWriter
+
+ARCH = {"model": {"vocab_size": 32000, "d_model": 1024, "n_layers": 8, "n_heads": 8, "max_seq_len": 512},
+        "moe": {"router": "expert_choice", "num_experts": 64, "expert_hidden": 512, "k": 8}}
+
+
+def write_checkpoint(work: str) -> tuple:
+    cfg = from_dict(ModelConfig, ARCH)
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in DiffusionTransformer(cfg).state_dict().items()}
+    ckpt = os.path.join(work, "run", "checkpoints", "step_00000001")
+    ranks = [FragmentWriter(ckpt, r) for r in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    total = 0
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=g) * 0.02
+        total += t.numel()
+        if ".experts." in name:   # rows [0, E/2) on rank 0, [E/2, E) on rank 1
+            half = shape[0] // 2
+            for r, rows in enumerate((t[:half], t[half:])):
+                ranks[r].add(name, WEIGHTS, shape, r * rows.numel(), rows)
+        else:
+            ranks[0].add(name, WEIGHTS, shape, 0, t)
+        del t
+    for w in ranks:   # one rank at a time, as ranks would
+        w.write()
+        w.tensors.clear()
+    open(os.path.join(ckpt, "COMPLETE"), "w").close()
+    with open(os.path.join(work, "run", "config.yaml"), "w") as f:
+        yaml.safe_dump({**{k: dataclasses.asdict(getattr(cfg, k)) for k in ("model", "moe", "diffusion")},
+                        "data": {"path": os.path.join(work, "no-tokenizer")}}, f)
+    return ckpt, total
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("work")
+    p.add_argument("--shard-size", default="1GB")
+    args = p.parse_args(argv)
+    ckpt, n = write_checkpoint(args.work)
+    out = os.path.join(args.work, "hf")
+    subprocess.run([sys.executable, "-m", "evaluation.hf", "export", ckpt, out, "--max-shard-size", args.shard_size],
+                   check=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # Linux: KiB
+    print(f"model {n / 1e6:,.0f}M parameters = {n * 4 / 2**30:.2f} GiB fp32; shards {args.shard_size}; "
+          f"export peak RSS {peak / 2**30:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ CONFIG  ?= configs/tiny.yaml
 DS_CONFIG ?= ds_configs/zero2.json
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench clean-venv
+.PHONY: setup train test bench reproduce clean-venv
 
 setup: $(VENV)/.installed $(DATA)/meta.json
 
@@ -37,3 +37,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/moe_layer.py --json bench_out/moe_layer.json
+
+# The paper's comparisons at the tiny scale (9 arms x 2 seeds, ~30 min on an idle 2-core CPU);
+# report in runs/reproduce-tiny/report/report.md. REPRODUCE_ARGS="--dry-run" prints the plan only.
+reproduce: setup
+	$(PY) -m evaluation.reproduce --scale tiny $(REPRODUCE_ARGS)

@@ -101,8 +101,9 @@ def test_token_choice_with_capacity_counts_the_kept_assignments():
     """Capacity factor 1: C = ceil(T k / E * 1) = ceil(16*2/4) = 8 slots per expert. A selection
     bias of +10 on experts 0 and 1 (softmax scores are below 1) sends every token to both, load
     (16, 16, 0, 0): each keeps 8, so 16 assignments are computed and 16 dropped (drop_frac 0.5).
-    Experts 2 and 3's 2*8 empty slots are not counted (see the note in the report: flops.py's
-    docstring says padding slots are included)."""
+    Experts 2 and 3's 2*8 empty slots are computed (fixed [E, C] shapes) but not counted:
+    Routing.num_assignments counts kept slots, while flops.py's docstring says padding slots are
+    included. This pins what the code does; which of the two is meant is an open question."""
     def favour_experts_0_and_1(model):
         for layer in model.moe_layers():
             layer.expert_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))

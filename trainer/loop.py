@@ -14,13 +14,16 @@ import torch
 from evaluation.loading import load_tokenizer
 from evaluation.tasks import evaluate_tasks
 
+from . import watchdog
 from .config import RunConfig
 from .distributed import comm_device
+from .engine.nonfinite import StepGuard, StepHealth, describe
+from .engine.parallel import group_timeouts, set_comm_timeout
 from .expert_bias import ExpertBiasBalancer
 from .flops import device_peak_tflops, train_flops
 from .metrics import build_metrics
 from .noise import global_batch_noise
-from .preemption import PreemptionWatcher
+from .preemption import EXIT_DIVERGED, PreemptionWatcher
 from .session import Session, setup
 from .step_stats import StepStats, WindowStats, load_cv
 from .validation import evaluate
@@ -28,8 +31,9 @@ from .validation import evaluate
 log = logging.getLogger("ecdlm")
 
 
-def train_step(s: Session, step: int, stats: StepStats, bias: ExpertBiasBalancer) -> None:
-    """One optimizer step: every micro-batch forward and backward, the step, the bias update."""
+def train_step(s: Session, step: int, stats: StepStats, bias: ExpertBiasBalancer, guard: StepGuard) -> StepHealth:
+    """One optimizer step: every micro-batch forward and backward, the step, the bias update.
+    A step the ranks agree is non-finite is skipped whole: no update, no bias change."""
     t = s.cfg.train
     u_G, token_u_GL = global_batch_noise(t.seed, step, t.global_batch_size, t.seq_len,
                                          s.cfg.diffusion.low_discrepancy)
@@ -37,15 +41,22 @@ def train_step(s: Session, step: int, stats: StepStats, bias: ExpertBiasBalancer
         mb = s.loader.next_micro_batch()
         idx = mb.global_offsets
         fwd = s.engine(mb.tokens.to(s.device), u_G[idx].to(s.device), token_u_GL[idx].to(s.device))
+        guard.add_micro(fwd.loss)   # before engine.step(): the boundary's check reads it
         s.engine.backward(fwd.loss)
         s.engine.step()   # DeepSpeed steps the optimizer only at the accumulation boundary
         stats.add_micro(fwd)   # on the device: no host sync
         bias.add_micro(fwd)
-    bias.step()   # once per optimizer step, with the global load, identically on every rank
+    health = guard.finish_step()
+    if health.skipped:
+        bias.load = None   # the skipped step's expert load is dropped with its gradients
+    else:
+        bias.step()   # once per optimizer step, with the global load, identically on every rank
+    return health
 
 
 def train(s: Session) -> int:
-    """The loop. Returns the exit status: 0, or a preemption code after a checkpoint."""
+    """The loop. Returns the exit status: 0, a preemption code after a checkpoint, or
+    EXIT_DIVERGED after a non-finite step the policy (train.nonfinite) does not skip."""
     cfg, t = s.cfg, s.cfg.train
     G, L = t.global_batch_size, t.seq_len
     metrics = build_metrics(cfg, s.run_dir, s.rank, s.start_step)
@@ -54,6 +65,9 @@ def train(s: Session) -> int:
              "%d tokens per step | run dir %s", counts["total"] / 1e6, counts["active"] / 1e6, s.world,
              s.ep_size, s.loader.grad_accum_steps, G * L, s.run_dir)
     watcher = PreemptionWatcher()
+    guard = StepGuard(s.engine, watcher.local_flags)   # carries the preemption flags: one collective a step
+    skipped_in_row = skipped_in_window = 0
+    healthy = True   # no non-finite step since the last save
     stats = StepStats(len(s.model.moe_layers()), cfg.moe.num_experts)
     peak = device_peak_tflops(t.peak_tflops)
     cdev = comm_device()
@@ -78,21 +92,35 @@ def train(s: Session) -> int:
         while step < t.max_steps:
             t0, wait0 = time.time(), s.loader.wait_seconds
             lr = s.scheduler.get_last_lr()[0]
-            train_step(s, step, stats, bias)
+            health = train_step(s, step, stats, bias, guard)
             if s.device.type == "cuda":
                 torch.cuda.synchronize()
             step += 1
-            stats.add_step(time.time() - t0, s.loader.wait_seconds - wait0, s.engine.get_global_grad_norm())
-            if step % t.log_every == 0 or step == t.max_steps:
-                metrics.log(metrics_row(cfg, stats.reduce(cdev), step, lr, s.world, peak, s.device, layer_ids))
+            watchdog.beat()
+            # a skipped step's norm is ours (nan or inf): ZeRO computes none and keeps the last one
+            stats.add_step(time.time() - t0, s.loader.wait_seconds - wait0,
+                           health.grad_norm if health.nonfinite else s.engine.get_global_grad_norm())
+            skipped_in_row = skipped_in_row + 1 if health.nonfinite else 0
+            skipped_in_window += health.skipped
+            healthy = healthy and not health.nonfinite
+            if health.nonfinite:
+                exit_code = nonfinite_verdict(t, step, health, skipped_in_row, s.rank)
+            if step % t.log_every == 0 or step == t.max_steps or exit_code:
+                row = metrics_row(cfg, stats.reduce(cdev), step, lr, s.world, peak, s.device, layer_ids)
+                metrics.log({**row, "train/skipped_steps": skipped_in_window})
                 stats.reset()
+                skipped_in_window = 0
+            if exit_code:   # diverged: nothing is saved, the newest checkpoint predates it
+                break
             if step % t.eval_every == 0 or step == t.max_steps:
                 run_eval()
             if cfg.eval.tasks:
                 run_tasks()
-            exit_code = watcher.agreed_exit_code()
+            exit_code = watcher.agreed_exit_code(health.flags)
             if exit_code or step % t.save_every == 0 or step == t.max_steps:
-                log.info("saved checkpoint %s", s.save(step))
+                log.info("saved checkpoint %s", s.save(step))   # healthy=healthy once Session.save takes it
+                healthy = True
+                watchdog.beat()   # a long save is progress too
             if exit_code:
                 log.warning("preemption signal: checkpointed at step %d, exiting with %d", step, exit_code)
                 break
@@ -104,8 +132,29 @@ def train(s: Session) -> int:
     return exit_code
 
 
+def nonfinite_verdict(t, step: int, health: StepHealth, in_row: int, rank: int) -> int:
+    """0 to go on after a non-finite step (already skipped), else EXIT_DIVERGED; one log line
+    either way, from rank 0 (every rank reached the same verdict from the same agreed numbers)."""
+    what = f"step {step}: non-finite {describe(health)}"
+    if t.nonfinite == "stop" or not health.skipped or in_row > t.max_skipped_steps:
+        why = ("train.nonfinite=stop" if t.nonfinite == "stop" else
+               "the optimizer cannot skip steps" if not health.skipped else
+               f"{in_row} non-finite steps in a row > train.max_skipped_steps={t.max_skipped_steps}")
+        if rank == 0:
+            log.error("%s; stopping with status %d (%s); no checkpoint is written after a non-finite step, "
+                      "resume from the newest one with a lower optim.lr", what, EXIT_DIVERGED, why)
+        return EXIT_DIVERGED
+    if rank == 0:
+        log.warning("%s; step skipped, weights and optimizer unchanged (%d in a row, stop after %d)", what, in_row,
+                    t.max_skipped_steps)
+    return 0
+
+
 def run(cfg: RunConfig, ds_config_path: str) -> int:
-    return train(setup(cfg, ds_config_path))
+    set_comm_timeout(cfg.train.comm_timeout_s)   # before any process group exists
+    session = setup(cfg, ds_config_path)
+    log.info("collective timeouts: %s", ", ".join(f"{k} {v.total_seconds():g} s" for k, v in group_timeouts().items()))
+    return train(session)
 
 
 def metrics_row(cfg: RunConfig, r: WindowStats, step: int, lr: float, world: int, peak, device,

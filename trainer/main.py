@@ -4,7 +4,9 @@
 
 Also runs under `srun`/`mpirun` (RANK/WORLD_SIZE/MASTER_* set by the launcher script, or MPI
 discovery through mpi4py). Exit status: 0 done, 85 preempted by SIGUSR1 (requeue me), 86 stopped
-by SIGTERM after a checkpoint, 2 bad configuration or input.
+by SIGTERM after a checkpoint, 87 stopped on a non-finite loss or gradient (train.nonfinite; no
+checkpoint written after it, do not requeue), 88 hang: no step within the watchdog's budget (stacks
+in the log, requeue me), 2 bad configuration or input. README "Faults and exit statuses".
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ if ROOT not in sys.path:   # `deepspeed trainer/main.py` runs the file, not the 
 
 from model.config import ConfigError  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.launcher_watch import watch_deepspeed_launcher  # noqa: E402
+from trainer.preemption import install_handlers, note_stop  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,11 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    install_handlers()   # first: SLURM's USR1 warning during set-up or resume is kept, not fatal
+    watch_deepspeed_launcher(note_stop)   # `deepspeed` itself killed: stop cleanly, leave no orphan
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from trainer import watchdog
     try:
         cfg = load_config(args.config, tuple(args.overrides))
+        t = cfg.train
+        watchdog.start(cfg.run_dir, t.setup_timeout_s, t.hang_timeout_s)   # set-up can hang too
         from trainer.loop import run   # imports DeepSpeed: only after the config is known good
         return run(cfg, args.ds_config)
     except (ConfigError, FileNotFoundError) as err:   # bad input: one clear line, no traceback
@@ -45,6 +54,8 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise
+    finally:
+        watchdog.stop()   # the end of a run, or an error, is not a hang
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from model import DiffusionTransformer
 from model.config import ConfigError
-from trainer.data import PackedLoader, check_vocab, fixed_eval_batches
+from trainer.data import PackedLoader, TokenStore, check_vocab, fixed_eval_batches
 
 from . import checkpoints
 from .config import RunConfig, save_config
@@ -42,6 +42,8 @@ def preflight(cfg: RunConfig, ds_config_path: str) -> dict:
             raise FileNotFoundError(f"data.path={cfg.data.path} has no prepared {split} split; run "
                                     f"`python -m trainer.data prepare --out {cfg.data.path}` first")
     check_vocab(cfg.data.path, cfg.model.vocab_size, cfg.model.pad_id, cfg.model.mask_id, data_path=cfg.data.path)
+    for split in ("train", "val"):   # every shard present and as long as meta.json says (stat only)
+        TokenStore(os.path.join(cfg.data.path, split))
     if cfg.eval.tasks:
         from evaluation.tasks import check_tasks   # the task files, before anything expensive
         check_tasks(cfg.eval.tasks)

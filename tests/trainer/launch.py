@@ -1,7 +1,6 @@
 """Run the real trainer through the real `deepspeed` launcher (or plain python / mpiexec)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -48,8 +47,8 @@ def run_killing_group(cmd: list, timeout: int, env: dict) -> subprocess.Complete
 
 
 def read_metrics(run_dir: Path) -> list:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from trainer.metrics import read_rows   # non-finite values come back as floats
+    return read_rows(str(run_dir / "metrics.jsonl"))
 
 
 def per_step(run_dir: Path, key: str) -> dict:

@@ -13,6 +13,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 import yaml
@@ -26,15 +27,17 @@ ARCH = {"model": {"vocab_size": 32000, "d_model": 1024, "n_layers": 8, "n_heads"
 
 def write_checkpoint(work: str) -> tuple:
     cfg = from_dict(ModelConfig, ARCH)
-    with torch.device("meta"):
-        shapes = {n: t.shape for n, t in DiffusionTransformer(cfg).state_dict().items()}
+    # this process holds the model once (its init is seeded, not meta-device safe); only the
+    # export child is measured
+    state = DiffusionTransformer(cfg).state_dict()
     ckpt = os.path.join(work, "run", "checkpoints", "step_00000001")
     ranks = [FragmentWriter(ckpt, r) for r in (0, 1)]
-    g = torch.Generator().manual_seed(0)
-    total = 0
-    for name, shape in shapes.items():
-        t = torch.randn(shape, generator=g) * 0.02
+    total, largest = 0, 0
+    for name in list(state):
+        t = state.pop(name)
+        shape = t.shape
         total += t.numel()
+        largest = max(largest, t.numel())
         if ".experts." in name:   # rows [0, E/2) on rank 0, [E/2, E) on rank 1
             half = shape[0] // 2
             for r, rows in enumerate((t[:half], t[half:])):
@@ -49,7 +52,18 @@ def write_checkpoint(work: str) -> tuple:
     with open(os.path.join(work, "run", "config.yaml"), "w") as f:
         yaml.safe_dump({**{k: dataclasses.asdict(getattr(cfg, k)) for k in ("model", "moe", "diffusion")},
                         "data": {"path": os.path.join(work, "no-tokenizer")}}, f)
-    return ckpt, total
+    return ckpt, total, largest
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:   # the child has just exited
+        pass
+    return 0
 
 
 def main(argv=None) -> int:
@@ -57,13 +71,21 @@ def main(argv=None) -> int:
     p.add_argument("work")
     p.add_argument("--shard-size", default="1GB")
     args = p.parse_args(argv)
-    ckpt, n = write_checkpoint(args.work)
+    ckpt, n, largest = write_checkpoint(args.work)
     out = os.path.join(args.work, "hf")
-    subprocess.run([sys.executable, "-m", "evaluation.hf", "export", ckpt, out, "--max-shard-size", args.shard_size],
-                   check=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # Linux: KiB
-    print(f"model {n / 1e6:,.0f}M parameters = {n * 4 / 2**30:.2f} GiB fp32; shards {args.shard_size}; "
-          f"export peak RSS {peak / 2**30:.2f} GiB")
+    child = subprocess.Popen([sys.executable, "-m", "evaluation.hf", "export", ckpt, out, "--max-shard-size",
+                              args.shard_size])
+    peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+    while child.poll() is None:   # sample: anonymous memory (what the export allocates) apart from
+        peak = {k: max(v, _status_kib(child.pid, k)) for k, v in peak.items()}   # mapped file pages
+        time.sleep(0.02)
+    if child.returncode:
+        return child.returncode
+    hwm = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # Linux: KiB
+    gib = 2 ** 30
+    print(f"model {n / 1e6:,.0f}M parameters = {n * 4 / gib:.2f} GiB fp32, largest tensor {largest * 4 / gib:.2f} GiB; "
+          f"shards {args.shard_size}; export peak RSS {hwm / gib:.2f} GiB (sampled: anonymous "
+          f"{peak['RssAnon'] * 1024 / gib:.2f} GiB, file-backed mapped {peak['RssFile'] * 1024 / gib:.2f} GiB)")
     return 0
 
 

@@ -352,6 +352,10 @@ def variant_config(name: str) -> ModelConfig:
         "ec_batch_scaled_shared": {**ec, "ec_scope": "batch", "gate_scaling": True, "num_shared_experts": 1,
                                    "capacity": {"schedule": "linear_reverse", **sched}},
         "ec_sequence_scaled": {**ec, "gate_scaling": True, "capacity": {"schedule": "cosine", **sched}},
+        "ec_batch_reference": {**ec, "ec_scope": "batch", "ec_batch_capacity": "reference_max", "num_shared_experts": 1,
+                               "gate_scaling": "reference", "capacity": {"schedule": "bell", **sched},
+                               "dense_hidden": 24, "moe_every": 2},
+        "ec_half_even": {**ec, "capacity": {"schedule": "linear", "rounding": "half_even", **sched}},
         "tc_softmax_renorm": {"router": "token_choice", "num_experts": 4, "expert_hidden": 16, "k": 2},
         "tc_sigmoid_capacity_bias": {"router": "token_choice", "num_experts": 4, "expert_hidden": 16, "k": 2,
                                      "score_fn": "sigmoid", "capacity_factor": 0.75, "bias_update_rate": 1e-3},
@@ -364,6 +368,7 @@ def variant_config(name: str) -> ModelConfig:
 
 VARIANTS = ["ec_linear", "ec_linear_reverse", "ec_cosine", "ec_cosine_reverse", "ec_bell", "ec_gaussian",
             "ec_gaussian_reverse", "ec_piecewise", "ec_static", "ec_batch_scaled_shared", "ec_sequence_scaled",
+            "ec_batch_reference", "ec_half_even",
             "tc_softmax_renorm", "tc_sigmoid_capacity_bias", "tc_bias_in_gates", "dense"]
 
 

@@ -69,7 +69,7 @@ def experts_per_token(cap, r_B):
 
 
 # ---- routing: which experts process which token, with which gate (dense [T, E] gates) -------------
-def expert_choice_gates(scores_BLE, valid_BL, k_B, scope, scale_table):
+def expert_choice_gates(scores_BLE, valid_BL, k_B, scope, scale_table, batch_capacity="sum"):
     """Gates [T, E]: nonzero where expert e took token t."""
     B, L, E = scores_BLE.shape
     scores_BLE = scores_BLE.masked_fill(~valid_BL[..., None], float("-inf"))
@@ -82,8 +82,9 @@ def expert_choice_gates(scores_BLE, valid_BL, k_B, scope, scale_table):
             if c:
                 top_cE = scores_BLE[b].topk(c, dim=0).indices                # each expert's c best tokens
                 taken_BLE[b].scatter_(0, top_cE, True)
-    else:   # one selection over the whole batch
-        c = max(int((L_B * k_B).sum()) // E, 1)
+    else:   # one selection over the whole batch: c from sum_b L_b k_b, or EC-DLM's L_total * max_b k_b
+        total = (L_B.sum() * k_B.max()) if batch_capacity == "reference_max" else (L_B * k_B).sum()
+        c = max(int(total) // E, 1)
         top_cE = scores_BLE.reshape(B * L, E).topk(c, dim=0).indices
         taken_BLE.view(B * L, E).scatter_(0, top_cE, True)
     taken_TE = taken_BLE.reshape(B * L, E)
@@ -191,7 +192,8 @@ class MoE(nn.Module):
         moe = self.moe
         logits_BLE = F.linear(x_BLD.float(), self.router.weight.float())   # the router runs in fp32
         if moe["router"] == "expert_choice":
-            gates_TE = expert_choice_gates(logits_BLE, valid_BL, k_B, moe["ec_scope"], scale_table)
+            gates_TE = expert_choice_gates(logits_BLE, valid_BL, k_B, moe["ec_scope"], scale_table,
+                                           moe.get("ec_batch_capacity", "sum"))
         else:
             use_bias = moe["bias_update_rate"] > 0 or moe.get("expert_bias_in_gates", False)
             gates_TE = token_choice_gates(logits_BLE.reshape(B * L, -1), valid_BL.reshape(-1), moe,

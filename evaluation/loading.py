@@ -6,14 +6,13 @@ checkpoint of any parallel layout) and its tokenizer.
 """
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 from model import DiffusionTransformer
+from trainer.checkpoint_store import WEIGHTS, FragmentReader
 from trainer.checkpoints import COMPLETE, find_checkpoint
 from trainer.config import load_config
 
@@ -66,16 +65,7 @@ def full_model_state(path: str) -> dict:
     if _is_safetensors_checkpoint(path):   # written by `python -m evaluation.hf import`
         from .hf.safetensors_io import read_safetensors_dir
         return read_safetensors_dir(path)
-    module_files = glob.glob(os.path.join(path, "*mp_rank_00_model_states.pt"))
-    if not module_files:
-        raise FileNotFoundError(f"{path}: no DeepSpeed module file (mp_rank_00_model_states.pt)")
-    module = torch.load(module_files[0], map_location="cpu", weights_only=False)["module"]
-    state = {k[len("model."):]: v for k, v in module.items() if k.startswith("model.")}
-    shards = [torch.load(f, map_location="cpu") for f in sorted(glob.glob(os.path.join(path, "experts", "ep*.pt")))]
-    for key in shards[0]["tensors"] if shards else []:
-        state[key] = torch.cat([s["tensors"][key] for s in sorted(shards, key=lambda s: s["first_expert"])])
-    state.update(torch.load(os.path.join(path, "moe_buffers.pt"), map_location="cpu"))
-    return state
+    return dict(FragmentReader(path).iter_full(WEIGHTS))   # any layout; safetensors and JSON only
 
 
 def _is_safetensors_checkpoint(path: str) -> bool:
@@ -84,15 +74,13 @@ def _is_safetensors_checkpoint(path: str) -> bool:
 
 def iter_model_state(path: str):
     """(name, tensor) pairs of the whole model's state, experts re-assembled, one at a time, for
-    exporters that write as they read. A safetensors checkpoint streams from disk; today's
-    DeepSpeed .pt files can only be unpickled whole, so each tensor is released once handed out."""
+    exporters that write as they read: peak memory is one tensor (read from memory-mapped
+    safetensors), whatever layout wrote the checkpoint."""
     if _is_safetensors_checkpoint(path):
         from .hf.safetensors_io import iter_safetensors_dir
         yield from iter_safetensors_dir(path)
         return
-    state = full_model_state(path)
-    for name in list(state):
-        yield name, state.pop(name)
+    yield from FragmentReader(path).iter_full(WEIGHTS)
 
 
 def checkpoint_and_config(run_or_ckpt: str):

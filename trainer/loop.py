@@ -118,9 +118,11 @@ def train(s: Session) -> int:
                 run_tasks()
             exit_code = watcher.agreed_exit_code(health.flags)
             if exit_code or step % t.save_every == 0 or step == t.max_steps:
-                log.info("saved checkpoint %s", s.save(step))   # healthy=healthy once Session.save takes it
+                t_save = time.time()
+                log.info("saved checkpoint %s", s.save(step, healthy=healthy))
                 healthy = True
                 watchdog.beat()   # a long save is progress too
+                metrics.log({"step": step, "tokens": step * G * L, "perf/ckpt_save_s": time.time() - t_save})
             if exit_code:
                 log.warning("preemption signal: checkpointed at step %d, exiting with %d", step, exit_code)
                 break

@@ -19,6 +19,7 @@ if ROOT not in sys.path:   # `deepspeed trainer/main.py` runs the file, not the 
     sys.path.insert(0, ROOT)
 
 from model.config import ConfigError  # noqa: E402
+from trainer.checkpoints import CheckpointError  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.launcher_watch import watch_deepspeed_launcher  # noqa: E402
 from trainer.preemption import install_handlers, note_stop  # noqa: E402
@@ -46,9 +47,15 @@ def main(argv=None) -> int:
         watchdog.start(cfg.run_dir, t.setup_timeout_s, t.hang_timeout_s)   # set-up can hang too
         from trainer.loop import run   # imports DeepSpeed: only after the config is known good
         return run(cfg, args.ds_config)
-    except (ConfigError, FileNotFoundError) as err:   # bad input: one clear line, no traceback
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:   # bad input: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from trainer.engine.checkpoint import EXIT_SAVE_FAILED, CheckpointSaveError, NonFiniteWeightsError
+        if isinstance(err, (CheckpointSaveError, NonFiniteWeightsError)):   # nothing saved was lost
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_SAVE_FAILED
+        raise
     except ValueError as err:
         if type(err).__name__ == "DataError":   # the data pipeline's bad-input error
             print(f"error: {err}", file=sys.stderr)

@@ -30,8 +30,10 @@ def setup_logging(rank: int) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-def preflight(cfg: RunConfig, ds_config_path: str) -> dict:
-    """Everything checkable before processes talk to each other: fail fast, name the problem."""
+def preflight(cfg: RunConfig, ds_config_path: str) -> tuple:
+    """Everything checkable before processes talk to each other: fail fast, name the problem.
+    Every rank runs it on the same files, so every rank reaches the same verdict and the same
+    checkpoint to resume from. Returns (DeepSpeed JSON, checkpoint to resume or None)."""
     ds_raw = load_ds_config(ds_config_path)
     world = int(os.environ.get("WORLD_SIZE", "1"))   # known before init under every launcher but MPI
     if cfg.moe.router != "dense" and world % cfg.moe.ep_size:
@@ -47,7 +49,14 @@ def preflight(cfg: RunConfig, ds_config_path: str) -> dict:
     if cfg.eval.tasks:
         from evaluation.tasks import check_tasks   # the task files, before anything expensive
         check_tasks(cfg.eval.tasks)
-    return ds_raw
+    stage = ds_raw.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        raise ConfigError(f"{ds_config_path}: zero_optimization.stage={stage}; ecdlm's checkpoints need ZeRO "
+                          f"stage 1 or 2 (ds_configs/zero1.json, zero2.json, zero2_offload.json)")
+    resume = checkpoints.find_checkpoint(cfg.run_dir, cfg.train.resume)   # verifies manifests
+    if resume:
+        checkpoints.check_resumable(cfg, resume)
+    return ds_raw, resume
 
 
 @dataclass
@@ -71,27 +80,31 @@ class Session:
     def run_dir(self) -> str:
         return self.cfg.run_dir
 
-    def client_state(self, step: int) -> dict:
-        t = self.cfg.train
-        return {"step": step, "tokens": step * t.global_batch_size * t.seq_len,
-                "loader": self.loader.state_dict(), "layout": {"world_size": self.world, "ep_size": self.ep_size}}
+    layout: engine_ckpt.Layout = None
 
-    def save(self, step: int) -> str:
-        return engine_ckpt.save_checkpoint(self.engine, self.model, self.run_dir, step, self.client_state(step),
-                                           rank=self.rank, ep_rank=self.ep_rank, ep_size=self.ep_size,
-                                           expert_dp_rank=self.expert_dp_rank, keep_last=self.cfg.train.keep_last)
+    def run_state(self, step: int) -> dict:
+        t = self.cfg.train
+        return {"step": step, "tokens": step * t.global_batch_size * t.seq_len, "loader": self.loader.state_dict()}
+
+    def save(self, step: int, healthy: bool = True) -> str:
+        return engine_ckpt.save_checkpoint(self.engine, self.model, self.run_dir, step, self.run_state(step),
+                                           layout=self.layout, keep_last=self.cfg.train.keep_last,
+                                           scheduler=self.scheduler, healthy=healthy)
 
     def load(self, path: str) -> int:
-        client = engine_ckpt.load_checkpoint(self.engine, self.model, path, rank=self.rank, ep_rank=self.ep_rank,
-                                             ep_size=self.ep_size)
-        self.loader.load_state_dict(client["loader"])
-        self.start_step = client["step"]
+        state = engine_ckpt.load_checkpoint(self.engine, self.model, path, layout=self.layout,
+                                            scheduler=self.scheduler)
+        self.loader.load_state_dict(state["loader"])
+        self.start_step = state["step"]
+        change = engine_ckpt.layout_change(state, self.layout)
+        if change:
+            log.info(change)
         return self.start_step
 
 
 def setup(cfg: RunConfig, ds_config_path: str) -> Session:
     """Checks, process groups, model, DeepSpeed engine, data, and resume."""
-    ds_raw = preflight(cfg, ds_config_path)
+    ds_raw, resume = preflight(cfg, ds_config_path)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
@@ -116,10 +129,12 @@ def setup(cfg: RunConfig, ds_config_path: str) -> Session:
                                      cfg.eval.batches)
     session = Session(cfg=cfg, engine=built.engine, model=built.model, scheduler=built.scheduler, loader=loader,
                       val_batches=val_batches, device=device, rank=rank, world=world, ep_size=built.ep_size,
-                      ep_rank=built.ep_rank, expert_dp_rank=built.expert_dp_rank)
-    found = [checkpoints.find_checkpoint(cfg.run_dir, t.resume) if rank == 0 else None]
-    dist.broadcast_object_list(found, src=0)   # one decision for all ranks
-    if found[0]:
-        session.load(found[0])
-        log.info("resumed from %s at step %d", found[0], session.start_step)
+                      ep_rank=built.ep_rank, expert_dp_rank=built.expert_dp_rank,
+                      layout=engine_ckpt.Layout(world_size=world, ep_size=built.ep_size,
+                                                zero_stage=ds["zero_optimization"]["stage"],
+                                                micro_batch_size=t.micro_batch_size, rank=rank,
+                                                ep_rank=built.ep_rank, expert_dp_rank=built.expert_dp_rank))
+    if resume:
+        session.load(resume)
+        log.info("resumed from %s at step %d", resume, session.start_step)
     return session

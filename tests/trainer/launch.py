@@ -23,9 +23,9 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> list:
 
 def launch(nproc: int, overrides: list, ds_config: str = "ds_configs/zero2.json",
            config: str = "configs/tiny.yaml", check: bool = True, timeout: int = 600,
-           env: dict = None) -> subprocess.CompletedProcess:
+           env: dict = None, script: str = "trainer/main.py") -> subprocess.CompletedProcess:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           "trainer/main.py", "--ds_config", ds_config, "--config", config, *overrides]
+           script, "--ds_config", ds_config, "--config", config, *overrides]
     proc = run_killing_group(cmd, timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")

@@ -20,6 +20,7 @@ import yaml
 
 from model import DiffusionTransformer, ModelConfig, from_dict
 from trainer.checkpoint_store import WEIGHTS, FragmentWriter
+from trainer.checkpoints import write_manifest
 
 ARCH = {"model": {"vocab_size": 32000, "d_model": 1024, "n_layers": 8, "n_heads": 8, "max_seq_len": 512},
         "moe": {"router": "expert_choice", "num_experts": 64, "expert_hidden": 512, "k": 8}}
@@ -45,10 +46,11 @@ def write_checkpoint(work: str) -> tuple:
         else:
             ranks[0].add(name, WEIGHTS, shape, 0, t)
         del t
+    files = {}
     for w in ranks:   # one rank at a time, as ranks would
-        w.write()
+        files.update(w.write())
         w.tensors.clear()
-    open(os.path.join(ckpt, "COMPLETE"), "w").close()
+    write_manifest(ckpt, 1, {os.path.relpath(f, ckpt): d for f, d in files.items()}, healthy=True)
     with open(os.path.join(work, "run", "config.yaml"), "w") as f:
         yaml.safe_dump({**{k: dataclasses.asdict(getattr(cfg, k)) for k in ("model", "moe", "diffusion")},
                         "data": {"path": os.path.join(work, "no-tokenizer")}}, f)

@@ -13,12 +13,12 @@ from typing import Optional
 
 import yaml
 
-from trainer.checkpoints import COMPLETE, tag_for
+from trainer.checkpoints import file_digest, tag_for, write_manifest
 from trainer.config import load_config
 
 from .ecdlm_format import sections
 from .importer import load_hf_dir
-from .safetensors_io import ShardedWriter
+from .safetensors_io import INDEX, ShardedWriter
 from .tokenizer import copy_tokenizer_files
 
 
@@ -43,8 +43,9 @@ def import_to_run(hf_dir: str, out_run: str, mask_id: Optional[int] = None, mask
     writer = ShardedWriter(ckpt, max_shard_bytes)
     for name in list(state):
         writer.add(name, state.pop(name))
-    writer.close()
-    open(os.path.join(ckpt, COMPLETE), "w").close()
+    files = writer.close() + ([INDEX] if os.path.exists(os.path.join(ckpt, INDEX)) else [])
+    # the trainer's COMPLETE manifest: the files with their sizes and checksums, written last
+    write_manifest(ckpt, 0, {f: file_digest(os.path.join(ckpt, f)) for f in files}, healthy=True)
     with open(os.path.join(root, "latest"), "w") as f:
         f.write(tag_for(0))
     return ckpt

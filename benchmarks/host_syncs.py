@@ -195,6 +195,32 @@ def sampler_step_syncs(cfg, steps: int = 4, seed: int = 0) -> tuple[HostSyncCoun
     return sc, gen.forward_passes
 
 
+def one_rank_group():
+    """A one-process gloo group (started once): enough to run the expert-parallel code path."""
+    import torch.distributed as dist
+
+    from benchmarks.common import free_port
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    return dist.group.WORLD
+
+
+def expert_parallel_layer_syncs(layer, x_BLD: torch.Tensor, r_B=None) -> HostSyncCounter:
+    """Counts one forward+backward of a copy of `layer` dispatching through AllToAllDispatcher
+    (one-rank group): the expert-parallel code path, whose syncs do not depend on the rank count
+    (each split size is read back once, however many ranks there are)."""
+    import copy
+
+    from model.moe.dispatch import AllToAllDispatcher
+    layer = copy.deepcopy(layer)
+    layer.dispatcher = AllToAllDispatcher(one_rank_group(), layer.cfg.num_experts)
+    x = x_BLD.detach().clone().requires_grad_()
+    layer(x, r_B).hidden.sum().backward()   # warm-up
+    with HostSyncCounter() as sc:
+        layer(x, r_B).hidden.sum().backward()
+    return sc
+
+
 def summarize(name: str, sc: HostSyncCounter, moe_layers: int, steps: int = 1) -> dict:
     in_layers = sc.count("model/moe/")
     return {"config": name, "per_step": sc.total / steps, "in_moe_layers": in_layers / steps,
@@ -211,6 +237,13 @@ def count_all() -> list[dict]:
         cfg = CONFIGS[name]()
         sc, forwards = sampler_step_syncs(cfg)
         rows.append(summarize(f"sample/{name}", sc, cfg.model.n_layers, steps=forwards))
+    from model.moe import MoELayer
+    for name in ("ec_static", "ec_linear_reverse", "tc_cf1", "tc_dropless"):   # one layer, fwd + bwd
+        cfg = CONFIGS[name]()
+        torch.manual_seed(0)
+        sc = expert_parallel_layer_syncs(MoELayer(cfg.model.d_model, cfg.moe), torch.randn(2, 64, cfg.model.d_model),
+                                         torch.rand(2))
+        rows.append(summarize(f"expert_parallel_layer/{name}", sc, 1))
     return rows
 
 
@@ -219,7 +252,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write the rows (with every call site) here")
     p.add_argument("--sites", action="store_true", help="also print where each sync comes from")
     args = p.parse_args(argv)
-    from benchmarks.common import format_table, machine_info, write_json
+    from benchmarks.common import format_table, machine_info, machine_line, write_json
+    meta = machine_info(torch.device("cpu"), torch.float32)
+    print(machine_line(meta))
     rows = count_all()
     print("host syncs per training step (forward_loss + backward) and per sampler step, 2-layer models")
     print(format_table(rows, [("config", "config", "s"), ("per_step", "per step", ".0f"),
@@ -231,7 +266,7 @@ def main(argv=None) -> None:
             for site, n in r["sites"].items():
                 print(f"  {n:3d}  {site}")
     if args.json:
-        write_json(args.json, machine_info(torch.device("cpu"), torch.float32), rows)
+        write_json(args.json, meta, rows)
         print(f"wrote {args.json}")
 
 

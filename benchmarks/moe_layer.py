@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from benchmarks.common import (available_memory, format_table, free_port, machine_info, median_ms,
+from benchmarks.common import (available_memory, format_table, free_port, machine_info, machine_line, median_ms,
                                pick_device, time_interleaved, wait_for_idle, write_json)
 from model import ModelConfig, from_dict
 from model.moe import MoELayer, SwiGLU
@@ -61,7 +61,7 @@ def deepspeed_layer(args):
     """DeepSpeed's MoE needs its expert-parallel groups even in one process: a 1-rank gloo world."""
     from deepspeed.moe.layer import MoE
 
-    from trainer.parallel import init_distributed
+    from trainer.engine.parallel import init_distributed
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
@@ -181,6 +181,7 @@ def main(argv=None) -> None:
     waited = wait_for_idle(args.wait_idle) if args.wait_idle > 0 and device.type == "cpu" else 0.0
     meta = {**machine_info(device, dtype), "waited_for_idle_s": round(waited, 1),
             **{k: getattr(args, k) for k in ("seq", "d_model", "experts", "k", "hidden", "warmup", "repeat")}}
+    print(machine_line(meta))
     print(f"MoE layer fwd+bwd: L={args.seq} D={args.d_model} E={args.experts} k={args.k} h_e={args.hidden} "
           f"on {device.type} {meta['dtype']}, {meta['threads']} threads; median of {args.repeat} after "
           f"{args.warmup} warm-up rounds")

@@ -34,10 +34,9 @@ if __package__ in (None, ""):   # run as a script: make the repository root impo
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from benchmarks.common import format_table, free_port, machine_info, machine_line, write_json
-from benchmarks.host_syncs import HostSyncCounter
+from benchmarks.common import format_table, machine_info, machine_line, write_json
+from benchmarks.host_syncs import expert_parallel_layer_syncs
 
 ROOT = Path(__file__).resolve().parents[1]
 EP_SIZES = (2, 4, 8, 16, 32, 64)
@@ -92,10 +91,10 @@ def train(router: str, steps: int, batch: int, seed: int = 0):
         opt.zero_grad(set_to_none=True)
         for layer, stats in zip(model.moe_layers(), out.moe):   # TC's bias, once per optimizer step
             layer.update_expert_bias(stats.tokens_per_expert)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         if (step + 1) % 50 == 0:
-            print(f"  {router} step {step + 1}: loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return model, {"steps": steps, "batch": batch, "first_loss": first, "last_loss": float(loss),
+            print(f"  {router} step {step + 1}: loss {float(loss.detach()):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return model, {"steps": steps, "batch": batch, "first_loss": first, "last_loss": float(loss.detach()),
                    "seconds": time.perf_counter() - t0}
 
 
@@ -160,22 +159,13 @@ def summarize(rows: torch.Tensor, unique: torch.Tensor, D: int) -> dict:
 
 
 def ep_path_syncs(layer, x_BLD: torch.Tensor, r_B: torch.Tensor, capacity_factor=None) -> int:
-    """Host syncs of one forward+backward through AllToAllDispatcher (one-rank gloo group)."""
+    """Host syncs of one forward+backward through the expert-parallel dispatcher, in model/moe/."""
     import copy
     import dataclasses
-
-    from model.moe.dispatch import AllToAllDispatcher
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
-    layer = copy.deepcopy(layer)
-    if capacity_factor is not None:
+    if capacity_factor is not None:   # the TC layer, re-routed with a capacity
+        layer = copy.deepcopy(layer)
         layer.cfg = dataclasses.replace(layer.cfg, capacity_factor=capacity_factor)
-    layer.dispatcher = AllToAllDispatcher(dist.group.WORLD, layer.cfg.num_experts)
-    x = x_BLD[:2].clone().requires_grad_()
-    layer(x, r_B[:2]).hidden.sum().backward()   # warm-up
-    with HostSyncCounter() as sc:
-        layer(x, r_B[:2]).hidden.sum().backward()
-    return sc.count("model/moe/")
+    return expert_parallel_layer_syncs(layer, x_BLD[:2], r_B[:2]).count("model/moe/")
 
 
 def simulate(models: dict, sequences: int) -> list[dict]:

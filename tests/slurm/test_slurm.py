@@ -403,6 +403,29 @@ def test_real_trainer_usr1_requeue_resumes_identically(slurm_cluster, reference_
             (r["step"], r["train/loss"], reference[r["step"]])
 
 
+def test_real_trainer_continues_on_fewer_nodes(slurm_cluster, reference_run, tmp_path):
+    """Half the steps on 2 nodes, then a new submission of the same RUN_NAME on 1 node: the
+    checkpoint reshards from 2 processes to 1 and the losses continue the reference's."""
+    ref_info, ref_out, ref_dir = reference_run
+    _assert_state(ref_info, "COMPLETED", ref_out)
+    reference = {r["step"]: r["train/loss"] for r in _metrics(ref_dir)}
+    half = REAL_STEPS // 2
+    for nodes, steps in ((2, half), (1, REAL_STEPS)):
+        out = tmp_path / f"nodes{nodes}.out"
+        env = _env(**TINY, RUN_NAME="tiny-shrink", RUNS_DIR=str(tmp_path / "runs"),
+                   OVERRIDES=f"train.max_steps={steps} train.schedule_steps={REAL_STEPS} {TINY_OVERRIDES}")
+        job = slurm_cluster.sbatch([f"--nodes={nodes}", *CPU, f"--output={out}", "slurm/pretrain_ec.sh"],
+                                   env=env, cwd=REPO)
+        _assert_state(slurm_cluster.wait_job(job, timeout=600), "COMPLETED", out)
+    text = out.read_text()
+    assert "resharding checkpoint: written at world_size 2" in text and "continuing at world_size 1" in text, text
+    rows = _metrics(tmp_path / "runs" / "tiny-shrink")
+    assert {r["step"] for r in rows} == set(reference)
+    for r in rows:   # 1e-4: the tolerance of layout independence
+        assert math.isclose(r["train/loss"], reference[r["step"]], rel_tol=1e-4), \
+            (r["step"], r["train/loss"], reference[r["step"]])
+
+
 def _tiny_k() -> int:
     try:
         import yaml

@@ -83,7 +83,8 @@ def probe(base, src: str, lay, name: str):
     run_dir = base["root"] / name
     shutil.copytree(base[src], run_dir)
     out = base["root"] / (name + "_out")
-    overrides = tiny_overrides(base["corpus"], run_dir, **{**COMMON, "train.max_steps": FULL, **lay["extra"]})
+    extra = TC if src.startswith("tc") else {}
+    overrides = tiny_overrides(base["corpus"], run_dir, **{**COMMON, "train.max_steps": FULL, **lay["extra"], **extra})
     launch(lay["nproc"], overrides, ds_config=lay["ds"], script="tests/trainer/reshard_probe.py",
            env={"PROBE_OUT": str(out)})
     return run_dir / "checkpoints" / f"step_{HALF:08d}", out / "checkpoints" / f"step_{HALF:08d}"

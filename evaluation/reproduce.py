@@ -79,7 +79,7 @@ def scales() -> dict:
         # configs/tiny.yaml with finer experts (16 of width 32, k=4: the same active FLOPs as the
         # preset's k=2 of width 64) so a schedule has k values to move between
         "tiny": Scale("tiny", "configs/tiny.yaml", "configs/tiny.yaml", k=4, k_min=2, k_max=6, steps=tiny_steps,
-                      seeds=2, launcher="python", jobs=2, seconds_per_step=0.66,
+                      seeds=2, launcher="python", jobs=2, seconds_per_step=0.9,
                       overrides={"moe.num_experts": 16, "moe.expert_hidden": 32, "train.global_batch_size": 32,
                                  "train.micro_batch_size": 16, "train.eval_every": tiny_steps // 8,
                                  "train.save_every": tiny_steps, "train.log_every": 10, "eval.batches": 4,
@@ -116,8 +116,9 @@ class PlannedRun:
 
     def command(self, scale: Scale) -> list:
         args = ["trainer/main.py", "--ds_config", "ds_configs/zero2.json", "--config", self.config, *self.overrides]
-        if scale.launcher == "deepspeed":
-            return ["deepspeed", "--num_gpus", str(scale.nproc), *args]
+        if scale.launcher == "deepspeed":   # the venv's launcher; a port of its own per run
+            launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+            return [launcher, "--num_gpus", str(scale.nproc), "--master_port", str(free_port()), *args]
         return [sys.executable, *args]
 
 
@@ -182,10 +183,11 @@ def describe(scale: Scale, runs: list, runs_dir: str) -> str:
              f"{len({r.seed for r in runs})} seeds, {runs[0].steps} steps each "
              f"({runs[0].tokens:,} tokens), {sum(r.steps for r in runs):,} steps in all"]
     if scale.seconds_per_step and scale.launcher == "python":
-        est = sum(r.steps for r in runs) * scale.seconds_per_step / scale.jobs + len(runs) * 15 / scale.jobs
-        lines.append(f"estimated time on an idle 2-core CPU: {est / 60:.0f} min ({scale.seconds_per_step} s/step per "
-                     f"run with {scale.jobs} runs at a time, from the tiny preset's 900 steps in ~5 min on both "
-                     "cores; plus ~15 s start-up per run; evaluations add ~10%). A loaded machine takes longer.")
+        # per step: training plus its share of the evaluations, in CPU seconds of one single-thread run
+        est = (sum(r.steps for r in runs) * scale.seconds_per_step + len(runs) * 10) / scale.jobs
+        lines.append(f"estimated time on an idle 2-core CPU: {est / 60:.0f} min ({scale.seconds_per_step} CPU-s per step "
+                     f"and ~10 s start-up per run, {scale.jobs} runs at a time; from the CPU time of 30-step runs here, "
+                     "less their extra evaluations). A loaded machine takes longer.")
     for r in runs:
         lines += [f"- {r.name}: arm {r.arm}, seed {r.seed}, {r.config}, resolved {r.resolved}",
                   "    " + " ".join(shlex.quote(a) for a in r.command(scale))]

@@ -188,13 +188,14 @@ class AllToAllDispatcher:
     # -- fixed capacity (EC, TC with a capacity factor) ----------------------------------------
     def _capacities(self, C: int, static: bool, device) -> list:
         """C of every rank. Ranks must agree on all split sizes before an all-to-all: when C
-        follows from shapes (static), every rank already knows it; otherwise one int is exchanged."""
+        follows from shapes (static), every rank already knows it; otherwise one int is exchanged,
+        and read back in one host sync (torch.full, not torch.tensor: no blocking upload)."""
         if static:
             return [C] * self.ep
-        mine = torch.tensor([C], device=device)
+        mine = torch.full((1,), C, dtype=torch.long, device=device)
         every = [torch.empty_like(mine) for _ in range(self.ep)]
         dist.all_gather(every, mine, group=self.group)
-        return [int(c) for c in every]
+        return torch.cat(every).tolist()
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, meanwhile: Optional[Callable] = None) -> ExpertBatch:
         """`meanwhile` (e.g. the shared expert) runs while the rows are in flight."""
@@ -238,12 +239,12 @@ class AllToAllDispatcher:
         x_ND = gather_tokens(x_TD, routing)
         counts_recv = torch.empty_like(routing.counts)        # [ep * El]: per source, per local expert
         dist.all_to_all_single(counts_recv, routing.counts, group=self.group)
-        send = routing.counts.view(ep, El).sum(1).tolist()
         recv_counts_pe = counts_recv.view(ep, El)
-        recv = recv_counts_pe.sum(1).tolist()
+        # the split sizes both ways in one host sync: the layer's only one
+        send, recv = torch.stack([routing.counts.view(ep, El).sum(1), recv_counts_pe.sum(1)]).tolist()
         rows, side = all_to_all_overlapped(x_ND, recv, send, self.group, meanwhile)   # by (source, local expert)
         expert_of_row = torch.repeat_interleave(torch.arange(El, device=rows.device).repeat(ep),
-                                                recv_counts_pe.reshape(-1))
+                                                recv_counts_pe.reshape(-1), output_size=sum(recv))
         perm = torch.argsort(expert_of_row, stable=True)         # regroup by local expert
         return ExpertBatch(rows[perm], recv_counts_pe.sum(0), ctx=RaggedExchange(send, recv, perm), overlapped=side)
 

@@ -1,6 +1,7 @@
 """Host syncs per training step, counted on the CPU (benchmarks/host_syncs.py): every one of them
 stalls a GPU's queue, so a new one in the routed path must be a decision, not an accident."""
 import torch
+import torch.distributed as dist
 
 from benchmarks.host_syncs import CONFIGS, HostSyncCounter, training_step_syncs
 
@@ -55,3 +56,27 @@ def test_token_choice_with_capacity_and_dropless_routing_have_no_sync():
         sc = training_step_syncs(cfg)
         loop = name == "tc_dropless" and not grouped_mm_supported(torch.zeros(1))
         assert sc.count("model/moe/") == (cfg.model.n_layers if loop else 0), (name, sc.by_site())
+
+
+def test_expert_parallel_path_reads_each_split_size_once():
+    """Through AllToAllDispatcher (a one-rank gloo group runs the same code as ep ranks): EC static
+    and TC with capacity know every split from shapes; TC dropless reads its send and receive
+    sizes in one transfer; EC linear_reverse reads its capacities and then every rank's."""
+    from benchmarks.host_syncs import expert_parallel_layer_syncs
+    from model import ModelConfig, from_dict
+    from model.moe import MoELayer
+    expected = {"ec_static": ({"router": "expert_choice"}, 0),
+                "ec_linear_reverse": ({"router": "expert_choice",
+                                       "capacity": {"schedule": "linear_reverse", "k_min": 2, "k_max": 6}}, 2),
+                "tc_cf1": ({"router": "token_choice", "capacity_factor": 1.0}, 0),
+                "tc_dropless": ({"router": "token_choice"}, 1)}
+    x, r = torch.randn(2, 16, 32), torch.rand(2)
+    started_here = not dist.is_initialized()
+    try:
+        for name, (moe, n) in expected.items():
+            cfg = from_dict(ModelConfig, {"moe": {"num_experts": 8, "expert_hidden": 16, "k": 4, **moe}}).moe
+            sc = expert_parallel_layer_syncs(MoELayer(32, cfg), x, r)
+            assert sc.count("model/moe/") == n, (name, sc.by_site())
+    finally:   # leave no process group behind for the tests after this one
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()

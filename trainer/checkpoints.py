@@ -30,8 +30,9 @@ STATE = "state.json"   # step, data position, schedule, layout and model config 
 log = logging.getLogger("ecdlm")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the checkpoint and the problem."""
+class CheckpointError(FileNotFoundError):
+    """No usable checkpoint where one was named (missing, incomplete, damaged, or incompatible
+    with this run); the message names the checkpoint and the problem."""
 
 
 def tag_for(step: int) -> str:
@@ -57,7 +58,8 @@ def write_manifest(ckpt_dir: str, step: int, files: dict, healthy: bool) -> None
 def read_manifest(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, COMPLETE)
     if not os.path.exists(path):
-        raise CheckpointError(f"{ckpt_dir}: no {COMPLETE} manifest (the save did not finish)")
+        raise CheckpointError(f"{ckpt_dir}: not a complete checkpoint (no {COMPLETE} manifest: the save "
+                              f"did not finish)")
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -109,8 +111,8 @@ def prune(root: str, keep_last: int) -> None:
 
 
 def find_checkpoint(run_dir: str, resume: str) -> Optional[str]:
-    """auto: the newest usable checkpoint of the run (None if there is none), skipping, with a
-    warning naming the file, any whose manifest does not verify; never: None; anything else: that
+    """auto: the checkpoint `latest` names, else the newest usable one (None if there is none),
+    skipping, with a warning naming the file, any whose manifest does not verify; never: None; anything else: that
     checkpoint directory, which must verify (CheckpointError otherwise). Deterministic, so every
     rank that calls it on the same files makes the same choice."""
     if resume == "never":
@@ -121,7 +123,13 @@ def find_checkpoint(run_dir: str, resume: str) -> Optional[str]:
                                   f"(use auto, never, or a checkpoints/step_XXXXXXXX directory)")
         verify(resume)
         return resume
-    for ckpt in reversed(complete_checkpoints(os.path.join(run_dir, "checkpoints"))):
+    root = os.path.join(run_dir, "checkpoints")
+    candidates = list(reversed(complete_checkpoints(root)))
+    latest = os.path.join(root, "latest")
+    if os.path.exists(latest):   # `latest` first: normally the newest; a user may point it back
+        named = os.path.join(root, open(latest).read().strip())
+        candidates = [named] + [c for c in candidates if os.path.abspath(c) != os.path.abspath(named)]
+    for ckpt in candidates:
         try:
             verify(ckpt)
             return ckpt

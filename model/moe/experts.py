@@ -193,7 +193,9 @@ class Experts(nn.Module):
         """Rows grouped by expert, counts_E rows each (token-choice dropless)."""
         w_in, w_out = self.w_in_EDF.to(x_ND.dtype), self.w_out_EHD.to(x_ND.dtype)
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        if grouped_mm_supported(x_ND) and not _LOOP_ONLY[0]:
+        # grouped_mm needs every row stride to be a multiple of 16 bytes (D, 2H and H elements)
+        aligned = all(n * x_ND.element_size() % 16 == 0 for n in (w_in.shape[1], w_in.shape[2], w_out.shape[1]))
+        if aligned and grouped_mm_supported(x_ND) and not _LOOP_ONLY[0]:
             h_NF = _grouped(x_ND, w_in, offs)
             return _grouped(swiglu(h_NF, gate_N), w_out, offs)
         counts = counts_E.tolist()

@@ -115,3 +115,18 @@ def test_drop_in_layer_validates_and_initializes_itself():
     assert out.hidden.shape == (2, 16, 32) and out.stats.mean_k > 0
     with pytest.raises(ConfigError, match="moe.capacity.k_max=9 exceeds moe.num_experts=8"):
         MoELayer(32, MoEConfig(num_experts=8, capacity=CapacityConfig(schedule="linear", k_min=1, k_max=9)))
+
+
+def test_dropless_experts_of_unaligned_width_take_the_loop():
+    """torch._grouped_mm refuses row strides that are not multiples of 16 bytes (width 3 in
+    fp32); such experts fall back to the per-expert loop and compute the same function."""
+    import torch
+    from model.moe.experts import Experts, swiglu
+    ex = Experts(4, 8, 3, first_expert=0)
+    ex.init_weights(0, 0, 0.02, 0.02)
+    x = torch.randn(10, 8)
+    expert_of_row = [0, 0, 0, 2, 2, 2, 2, 2, 3, 3]
+    with torch.no_grad():
+        out = ex.forward_ragged(x, torch.tensor([3, 0, 5, 2]))
+        ref = torch.stack([swiglu(x[i] @ ex.w_in_EDF[e], None) @ ex.w_out_EHD[e] for i, e in enumerate(expert_of_row)])
+    assert out.shape == (10, 8) and torch.allclose(out, ref, atol=1e-6)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from trainer.checkpoints import COMPLETE, find_checkpoint, prune
+from trainer.checkpoints import file_digest, find_checkpoint, prune, write_manifest
 from trainer.schedule import lr_multiplier
 
 
@@ -12,7 +12,7 @@ def make_ckpt(root, step, complete=True):
     d.mkdir(parents=True)
     (d / "weights").write_text("x")
     if complete:
-        (d / COMPLETE).write_text(str(step))
+        write_manifest(str(d), step, {"weights": file_digest(str(d / "weights"))}, healthy=True)
     return d
 
 
@@ -30,6 +30,30 @@ def test_resume_ignores_incomplete_and_follows_latest(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         find_checkpoint(str(tmp_path), str(root / "step_00000030"))
     assert find_checkpoint(str(tmp_path / "elsewhere"), "auto") is None
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    make_ckpt(root, 10)
+    newest = make_ckpt(root, 20)
+    (root / "latest").write_text("step_00000020\n")
+    (newest / "weights").write_text("y")                # same size, other bytes
+    with caplog.at_level("WARNING", logger="ecdlm"):
+        assert find_checkpoint(str(tmp_path), "auto").endswith("step_00000010")
+    assert "step_00000020/weights: checksum differs" in caplog.text
+    (newest / "weights").write_text("")                 # truncated
+    with pytest.raises(FileNotFoundError, match="0 bytes, the manifest says 1"):
+        find_checkpoint(str(tmp_path), str(newest))
+
+
+def test_prune_never_drops_the_newest_healthy_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    make_ckpt(root, 10)
+    for s in (20, 30):
+        d = make_ckpt(root, s)
+        write_manifest(str(d), s, {"weights": file_digest(str(d / "weights"))}, healthy=False)
+    prune(str(root), keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000010", "step_00000030"]
 
 
 def test_prune_keeps_last_k_complete_and_drops_stale_partials(tmp_path):

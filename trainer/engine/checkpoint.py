@@ -272,11 +272,23 @@ def _init_optimizer_state(engine, group: int, step: int) -> dict:
     return st
 
 
-@torch.no_grad()
 def load_checkpoint(engine, model, path: str, *, layout: Layout, scheduler) -> dict:
     """Restores weights, fp32 master weights, Adam moments and step, LR schedule, engine counters
     and RNG from a checkpoint of any layout; returns its state.json record. Collective-free: every
-    rank reads the ranges it needs."""
+    rank reads the ranges it needs. A file that is not what its name says (safetensors that do not
+    parse, a missing fragment) is a CheckpointError naming it: nothing is ever unpickled."""
+    try:
+        return _load(engine, model, path, layout, scheduler)
+    except CheckpointError:
+        raise
+    except Exception as err:   # safetensors' own error type is not importable by a stable name
+        if isinstance(err, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise CheckpointError(f"{path}: cannot be loaded: {type(err).__name__}: {err}") from None
+
+
+@torch.no_grad()
+def _load(engine, model, path: str, layout: Layout, scheduler) -> dict:
     read_manifest(path)
     state = read_state(path)
     reader = FragmentReader(path)
@@ -312,7 +324,10 @@ def load_checkpoint(engine, model, path: str, *, layout: Layout, scheduler) -> d
     engine.skipped_steps = counters["skipped_steps"]
     rng_path = os.path.join(path, "rng", f"rank{layout.rank:05d}.safetensors")
     if os.path.exists(rng_path):   # a rank the saving layout did not have keeps its own
-        rng = load_file(rng_path)
+        try:
+            rng = load_file(rng_path)
+        except Exception as err:   # noqa: BLE001 - see load_checkpoint
+            raise CheckpointError(f"{rng_path}: not a safetensors file ({err}); refusing to read it") from None
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

@@ -22,6 +22,9 @@
 #                                                (a retry would diverge the same way)
 #        88 watchdog: no step within train.hang_timeout_s (stacks in the log) -> requeue like a
 #                                                failure (counts against MAX_REQUEUES)
+#        89 a checkpoint save failed or was refused (disk full, I/O error, non-finite weights)
+#                                             -> exit 89, no requeue (the next save would fail the same
+#                                                way; the previous checkpoints are intact)
 #        in NO_RETRY_STATUSES (default 2, the trainer's "bad configuration or input")
 #                                             -> exit with that status, no requeue
 #        other (failure)                      -> requeue while SLURM_RESTART_COUNT < MAX_REQUEUES,
@@ -185,6 +188,10 @@ ecdlm_train() {
       fi
       ecdlm_log "status 88: hang; requeue limit reached (MAX_REQUEUES=$MAX_REQUEUES), exiting with status 88"
       exit 88 ;;
+    89)
+      ecdlm_log "status 89: a checkpoint save failed or was refused (the trainer's last error line says" \
+        "why: path, OS error, free space); not requeueing; the previous checkpoints are intact"
+      exit 89 ;;
     *)
       if [[ " $NO_RETRY_STATUSES " == *" $rc "* ]]; then
         ecdlm_log "training FAILED with status $rc, listed in NO_RETRY_STATUSES='$NO_RETRY_STATUSES'" \

@@ -36,7 +36,7 @@ def build(cfg):
     def fwd_bwd():
         for p in obj.parameters():
             p.grad = None
-        obj(tokens, u_G, tok_u).loss.backward()
+        obj(tokens, u_G, tok_u)["loss"].backward()
 
     def ffn_step():
         for m, x, *rest in captured:

@@ -29,7 +29,6 @@ Weight names (ecdlm fuses k|v, gate|up and stacks the experts; the mapping split
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterator, Optional
 
 import torch

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import torch
 import yaml
 
 from model import DiffusionTransformer, ModelConfig, from_dict

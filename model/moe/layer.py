@@ -119,7 +119,7 @@ class MoELayer(nn.Module):
                                  self.cfg.num_shared_experts, self.cfg.ec_batch_capacity), zero
         logits_TE = logits_BLE.reshape(B * L, E)
         valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
-        use_bias = self.cfg.bias_update_rate > 0 or self.cfg.expert_bias_in_gates
+        use_bias = uses_expert_bias(self.cfg) or self.cfg.expert_bias_in_gates
         bias = self.expert_bias if use_bias else None
         routing = token_choice(logits_TE, self.cfg.k, self.cfg.capacity_factor, score_fn=self.cfg.score_fn,
                                renormalize=self.cfg.renormalize, expert_bias=bias,

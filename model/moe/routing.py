@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:

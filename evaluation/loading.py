@@ -97,11 +97,7 @@ def checkpoint_and_config(run_or_ckpt: str):
 def load_model_for_inference(run_or_ckpt: str, device="cpu"):
     """(model, RunConfig) from a run directory (its newest checkpoint) or a checkpoint directory,
     on one process with all experts local."""
-    ckpt = run_or_ckpt if os.path.exists(os.path.join(run_or_ckpt, COMPLETE)) else find_checkpoint(run_or_ckpt, "auto")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_or_ckpt}: no complete checkpoint found")
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
-    cfg = load_config(os.path.join(run_dir, "config.yaml"), ("moe.ep_size=1",))
+    ckpt, cfg = checkpoint_and_config(run_or_ckpt)
     model = DiffusionTransformer(cfg.model_config)
     model.load_state_dict(full_model_state(ckpt))
     return model.to(device).eval(), cfg

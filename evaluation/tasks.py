@@ -2,7 +2,8 @@
 the loop calls `evaluate_tasks` after every step (a no-op unless a task is due).
 
 Tasks are `trainer.config.EvalTaskConfig` (dicts of the same fields are accepted too). Collective
-when world > 1: every rank calls it at the same steps (see evaluation/multiple_choice.py).
+when world > 1: every rank calls it at the same steps (see evaluation/multiple_choice.py and
+evaluation/generation_tasks.py).
 """
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ from typing import Optional, Sequence
 from model.config import ConfigError, from_dict
 from trainer.config import EvalTaskConfig, validate_tasks
 
+from .generation_tasks import evaluate_generation, load_generation_jsonl, sample_config
 from .multiple_choice import evaluate_mc, load_mc_jsonl
 
 _ITEMS_CACHE: dict = {}
+
+
+def load_items(task) -> list:
+    """The task's items, read by the loader of its mode's file format."""
+    loader = load_generation_jsonl if task.mode == "generate" else load_mc_jsonl
+    return loader(task.path, task.limit)
 
 
 def typed_tasks(tasks: Sequence, prefix: str = "eval.tasks") -> list:
@@ -33,7 +41,9 @@ def check_tasks(tasks: Sequence, prefix: str = "eval.tasks") -> list:
         if not os.path.exists(task.path):
             raise ConfigError(f"{where}.path={task.path} does not exist")
         try:
-            load_mc_jsonl(task.path, task.limit)
+            load_items(task)
+            if task.mode == "generate":
+                sample_config(task).validate()   # the sampler's own rules, should they outgrow validate_tasks
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
     return tasks
@@ -41,14 +51,19 @@ def check_tasks(tasks: Sequence, prefix: str = "eval.tasks") -> list:
 
 def evaluate_tasks(model, tasks: Sequence, tokenizer, step: int, rank: Optional[int] = None,
                    world: Optional[int] = None) -> dict:
-    """Metrics {"eval/<name>/acc": ...} of the tasks due at `step` (step % every == 0)."""
+    """Metrics {"eval/<name>/acc": ...} (multiple choice) or {"eval/<name>/exact_match": ...}
+    (generate) of the tasks due at `step` (step % every == 0)."""
     row = {}
     for task in typed_tasks(tasks):
         if step % task.every:
             continue
-        key = (task.path, task.limit)
+        key = (task.path, task.limit, task.mode == "generate")
         if key not in _ITEMS_CACHE:
-            _ITEMS_CACHE[key] = load_mc_jsonl(task.path, task.limit)
+            _ITEMS_CACHE[key] = load_items(task)
+        if task.mode == "generate":
+            res = evaluate_generation(model, tokenizer, _ITEMS_CACHE[key], task, rank, world)
+            row[f"eval/{task.name}/exact_match"] = res["exact_match"]
+            continue
         res = evaluate_mc(model, tokenizer, _ITEMS_CACHE[key], task.mode, task.mc_num, task.batch_size,
                           task.seed, rank, world)
         for metric in ("acc", "acc_norm"):

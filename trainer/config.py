@@ -65,16 +65,24 @@ class DataConfig:
 
 @dataclass
 class EvalTaskConfig:
-    """One on-the-fly multiple-choice task (evaluation/tasks.py), logged as eval/<name>/acc. Its
-    file is checked in the trainer's preflight, not here, so an old run's config still loads."""
+    """One on-the-fly task (evaluation/tasks.py): multiple choice (single_mask, likelihood; logged
+    as eval/<name>/acc) or greedy generation (generate; eval/<name>/exact_match). Its file is
+    checked in the trainer's preflight, not here, so an old run's config still loads."""
     name: str = ""
-    path: str = ""                            # JSON lines: question/context, choices, answer
-    mode: Literal["single_mask", "likelihood"] = "single_mask"
+    path: str = ""                            # JSON lines: question/context, choices, answer (MC);
+                                              # prompt (or question), answer (or response) (generate)
+    mode: Literal["single_mask", "likelihood", "generate"] = "single_mask"
     every: int = 1                            # steps between evaluations
     limit: Optional[int] = None               # first N questions only
     mc_num: int = 16                          # Monte-Carlo samples per choice (likelihood)
-    batch_size: int = 32
+    batch_size: int = 32                      # questions per forward (MC) / prompts per generate call
     seed: int = 0
+    # generate mode (evaluation/generation_tasks.py)
+    answer_regex: Optional[str] = None        # first match (group 1 if any) of completion and reference
+    gen_length: int = 32                      # tokens generated per prompt
+    steps: Optional[int] = None               # denoising steps; default gen_length
+    block_length: Optional[int] = None        # semi-autoregressive block; default gen_length
+    stop: list[str] = field(default_factory=list)   # strings that end a completion (besides end-of-text)
 
 
 @dataclass
@@ -187,10 +195,31 @@ def validate_tasks(tasks: list, prefix: str = "eval.tasks") -> None:
         if task.name in names:
             raise ConfigError(f"{where}.name={task.name!r} is used twice; metrics are eval/<name>/acc")
         names.add(task.name)
-        for key in ("every", "limit", "mc_num", "batch_size"):
+        for key in ("every", "limit", "mc_num", "batch_size", "gen_length", "steps", "block_length"):
             v = getattr(task, key)
             if v is not None and v < 1:
                 raise ConfigError(f"{where}.{key}={v!r} must be an integer >= 1")
+        validate_generation_fields(task, where)
+
+
+def validate_generation_fields(task, where: str) -> None:
+    """A generate task's sampler settings follow evaluation/sample.py's SampleConfig.validate
+    rules (blocks divide the generation, steps split evenly over blocks), named by field here."""
+    if task.answer_regex is not None:
+        try:
+            re.compile(task.answer_regex)
+        except re.error as err:
+            raise ConfigError(f"{where}.answer_regex={task.answer_regex!r} is not a valid regular "
+                              f"expression: {err}") from None
+    if any(not isinstance(s, str) or not s for s in task.stop):
+        raise ConfigError(f"{where}.stop={task.stop!r} must be a list of non-empty strings")
+    block = task.block_length or task.gen_length
+    if task.gen_length % block:
+        raise ConfigError(f"{where}.block_length={block} must divide {where}.gen_length={task.gen_length}")
+    steps, blocks = task.steps or task.gen_length, task.gen_length // block
+    if steps % blocks:
+        raise ConfigError(f"{where}.steps={steps} must be a multiple of the number of blocks "
+                          f"gen_length/block_length={blocks}")
 
 
 # ---- YAML + overrides --------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 `python -m trainer.data prepare` turns a corpus into token shards; `PackedLoader`
 feeds them to the trainer as packed, deterministically shuffled micro-batches.
+`prepare --format sft` turns prompt/response or chat records into fixed-length examples;
+`SFTLoader` feeds them with their prompt masks. `data_format` tells the two apart.
 """
 
 import importlib
@@ -18,6 +20,9 @@ _EXPORTS = {
     "MicroBatch": "loader",
     "PackedLoader": "loader",
     "fixed_eval_batches": "loader",
+    "data_format": "meta",
+    "SFTLoader": "sft_loader",
+    "fixed_sft_eval_batches": "sft_loader",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,9 +13,15 @@ def _parser() -> argparse.ArgumentParser:
         "prepare",
         help="tokenize a corpus into train/val token shards",
         description="Tokenize a corpus into train/val token shards. Without --dataset or --files "
-        "the running Python's standard library sources are used (no download).",
+        "the running Python's standard library sources are used (no download). --format sft turns "
+        "prompt/response or chat records into fixed-length examples (see trainer/data/sft_prepare.py).",
     )
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--format", choices=("pretrain", "sft"), default="pretrain",
+        help="pretrain (default): token shards packed at load time; sft: JSON-lines prompt/response or "
+        "chat records -> fixed-length examples with a prompt mask (needs --seq-len)",
+    )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--dataset", help="Hugging Face hub dataset name (streamed)")
     source.add_argument("--files", nargs="+", metavar="PATH", help="local .txt/.json/.jsonl/.parquet files or globs")
@@ -31,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size to train (default: 4096)")
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece model type")
     p.add_argument("--tokenizer", metavar="PATH",
-                   help="use this sentencepiece model (.model) or Hugging Face tokenizer.json instead of training one")
+                   help="use this sentencepiece model (.model) or Hugging Face tokenizer.json instead of training one; "
+                   "for --format sft normally the pretrained model's tokenizer (a tokenizer.json, or its folder, "
+                   "whose sibling tokenizer_config.json may hold the chat_template used for messages)")
     p.add_argument(
         "--tokenizer-sample-bytes", type=int, default=32_000_000,
         help="train the tokenizer on this much train text (default: 32000000)",
@@ -41,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
         help="tokenizer processes (default: cpu count; 0 or 1 = in this process)",
     )
     p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard file (default: 2**26)")
+    sft = p.add_argument_group("--format sft")
+    sft.add_argument("--seq-len", type=int,
+                     help="tokens per example: prompt + response + EOS fill (longer examples are dropped and counted)")
+    sft.add_argument("--prompt-field", default="prompt", help="prompt text field (default: prompt)")
+    sft.add_argument("--response-field", default="response", help="response text field (default: response)")
+    sft.add_argument("--messages-field", default="messages",
+                     help="chat field, a list of {role, content}; the last assistant message is the response "
+                     "(default: messages)")
     return parser
 
 

@@ -1,12 +1,18 @@
-"""Training-side loading: packed micro-batches per data-parallel rank, prefetched, resumable."""
+"""Training-side loading: packed micro-batches per data-parallel rank, prefetched, resumable.
+
+`PrefetchingLoader` is the machinery every loader shares (the global-position layout, the
+prefetch thread, resume state); `PackedLoader` feeds it packed pretraining sequences and
+`trainer.data.sft_loader.SFTLoader` fine-tuning examples.
+"""
 
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -27,6 +33,8 @@ class MicroBatch:
     global_offsets: torch.Tensor  # int64 [micro_batch_size]
     step: int
     micro_step: int
+    # SFT only: bool [micro_batch_size, seq_len], True at prompt positions (never masked, no loss)
+    prompt_mask: Optional[torch.Tensor] = None
 
 
 class _Failed:
@@ -34,12 +42,16 @@ class _Failed:
         self.error = error
 
 
+# Global positions -> the MicroBatch fields that depend on the data: {"tokens": ..., ...}.
+RowsFn = Callable[[np.ndarray], Dict[str, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class _Layout:
     """Everything needed to build micro-batches; what the prefetch thread holds instead of
     the loader itself, so an unreferenced loader can be collected (and its thread stopped)."""
 
-    sequences: PackedSequences
+    rows: RowsFn
     global_batch_size: int
     micro_batch_size: int
     dp_rank: int
@@ -53,7 +65,7 @@ class _Layout:
     def build(self, step: int, micro_step: int) -> MicroBatch:
         positions = self.positions(step, micro_step)
         return MicroBatch(
-            tokens=torch.from_numpy(self.sequences.batch(positions.tolist())),
+            **self.rows(positions),
             global_offsets=torch.from_numpy(positions - step * self.global_batch_size),
             step=step,
             micro_step=micro_step,
@@ -80,60 +92,60 @@ def _produce(layout: _Layout, step: int, micro_step: int, out: queue.Queue, stop
         put(_Failed(exc))
 
 
-class PackedLoader:
-    """Micro-batches for one data-parallel rank.
+def check_batch_layout(global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                       prefetch: int) -> None:
+    """Raise ValueError unless the sizes make whole micro-batches on every rank."""
+    if micro_batch_size <= 0 or dp_size <= 0 or global_batch_size <= 0:
+        raise ValueError(
+            f"batch sizes must be positive: global_batch_size={global_batch_size}, "
+            f"micro_batch_size={micro_batch_size}, dp_size={dp_size}"
+        )
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not a multiple of "
+            f"micro_batch_size={micro_batch_size} * dp_size={dp_size}"
+        )
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={dp_size})")
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+
+
+class PrefetchingLoader:
+    """Micro-batches for one data-parallel rank, built ahead by a thread.
 
     Optimizer step s covers global positions [s*G, (s+1)*G); micro-step m on rank r takes
     the `micro_batch_size` positions starting at s*G + (m*dp_size + r)*micro_batch_size.
     The union over ranks and micro-steps is therefore the same set of sequences whatever
     dp_size and micro_batch_size are, so the global batch (and the loss) does not depend
     on the layout, and a checkpoint can be resumed on a different number of ranks.
+    What a position holds is the subclass's business: it hands over `rows`, which must
+    be a pure function of the position and must not refer to the loader.
     """
 
     def __init__(
         self,
-        split_dir: Union[str, Path],
+        rows: RowsFn,
         seq_len: int,
         global_batch_size: int,
         micro_batch_size: int,
         dp_rank: int,
         dp_size: int,
         seed: int,
-        prefetch: int = 2,
+        prefetch: int,
     ):
-        if micro_batch_size <= 0 or dp_size <= 0 or global_batch_size <= 0:
-            raise ValueError(
-                f"batch sizes must be positive: global_batch_size={global_batch_size}, "
-                f"micro_batch_size={micro_batch_size}, dp_size={dp_size}"
-            )
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
-                f"global_batch_size={global_batch_size} is not a multiple of "
-                f"micro_batch_size={micro_batch_size} * dp_size={dp_size}"
-            )
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={dp_size})")
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-        self.sequences = PackedSequences(TokenStore(split_dir), seq_len, seed)
         self.seq_len, self.seed = seq_len, seed
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.grad_accum_steps = global_batch_size // (micro_batch_size * dp_size)
         self.prefetch = prefetch
-        self._layout = _Layout(
-            self.sequences, global_batch_size, micro_batch_size, dp_rank, dp_size, self.grad_accum_steps
-        )
+        self._layout = _Layout(rows, global_batch_size, micro_batch_size, dp_rank, dp_size, self.grad_accum_steps)
         self.wait_seconds = 0.0  # time next_micro_batch() spent blocked on the prefetch queue
         self._step = 0
         self._micro_step = 0
         self._thread: Optional[threading.Thread] = None
         self._queue: Optional[queue.Queue] = None
         self._stop: Optional[threading.Event] = None
-
-    @property
-    def num_sequences(self) -> int:
-        return self.sequences.num_sequences
 
     @property
     def step(self) -> int:
@@ -155,7 +167,7 @@ class PackedLoader:
         self._thread = threading.Thread(
             target=_produce,
             args=(self._layout, self._step, self._micro_step, self._queue, self._stop),
-            name=f"PackedLoader-rank{self.dp_rank}",
+            name=f"{type(self).__name__}-rank{self.dp_rank}",
             daemon=True,
         )
         self._thread.start()
@@ -183,7 +195,7 @@ class PackedLoader:
         self._thread.join()
         self._thread = self._queue = self._stop = None
 
-    def __enter__(self) -> "PackedLoader":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -228,6 +240,34 @@ class PackedLoader:
             )
         self.close()  # whatever was prefetched belongs to the old position
         self._step, self._micro_step = consumed // self.global_batch_size, 0
+
+
+def _packed_rows(sequences: PackedSequences, positions: np.ndarray) -> Dict[str, torch.Tensor]:
+    return {"tokens": torch.from_numpy(sequences.batch(positions.tolist()))}
+
+
+class PackedLoader(PrefetchingLoader):
+    """Packed pretraining sequences (see PackedSequences for what position p holds)."""
+
+    def __init__(
+        self,
+        split_dir: Union[str, Path],
+        seq_len: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        prefetch: int = 2,
+    ):
+        check_batch_layout(global_batch_size, micro_batch_size, dp_rank, dp_size, prefetch)
+        self.sequences = PackedSequences(TokenStore(split_dir), seq_len, seed)
+        super().__init__(partial(_packed_rows, self.sequences), seq_len, global_batch_size, micro_batch_size,
+                         dp_rank, dp_size, seed, prefetch)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.sequences.num_sequences
 
 
 def fixed_eval_batches(

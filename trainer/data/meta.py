@@ -35,6 +35,20 @@ def load_meta(path: Union[str, Path]) -> dict:
     return meta
 
 
+# What a prepared directory holds; pretraining directories predate the "format" key.
+DATA_FORMATS = ("pretrain", "sft")
+
+
+def data_format(path: Union[str, Path]) -> str:
+    """"pretrain" (token shards, packed at load time) or "sft" (fixed-length prompt/response
+    examples) for a prepared directory or one of its split directories."""
+    meta = load_meta(path)
+    fmt = meta.get("format", "pretrain")
+    if fmt not in DATA_FORMATS:
+        raise DataError(f"{path}/{META_FILE} has format={fmt!r}; this code reads {' or '.join(DATA_FORMATS)}")
+    return fmt
+
+
 def write_json_atomic(path: Path, obj: Mapping) -> None:
     """Write JSON so that a reader never sees a half-written file."""
     tmp = path.with_name(path.name + ".tmp")

@@ -56,6 +56,12 @@ class PrepareConfig:
     tokenizer_sample_bytes: int = 32_000_000
     num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     shard_tokens: int = 2**26
+    # --format sft (see sft_prepare.py): fixed-length prompt/response examples instead of token shards.
+    format: str = "pretrain"
+    seq_len: Optional[int] = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
 
     def validate(self) -> None:
         if self.dataset and self.files:
@@ -70,6 +76,11 @@ class PrepareConfig:
             raise DataError("--shard-tokens and --tokenizer-sample-bytes must be positive")
         if self.model_type not in ("bpe", "unigram"):
             raise DataError(f"--model-type must be bpe or unigram, got {self.model_type!r}")
+        if self.format not in ("pretrain", "sft"):
+            raise DataError(f"--format must be pretrain or sft, got {self.format!r}")
+        if self.format == "pretrain" and self.seq_len is not None:
+            raise DataError("--seq-len is for --format sft only: pretraining packs sequences at load time "
+                            "(set train.seq_len)")
 
 
 def is_val(position: int, identity: str, val_fraction: float) -> bool:
@@ -211,6 +222,10 @@ def _tokenize(docs: Iterable[Document], cfg: PrepareConfig, info: TokenizerInfo,
 def prepare(cfg: PrepareConfig) -> Dict:
     """Run the whole preparation; returns the top-level meta (also written to OUT/meta.json)."""
     cfg.validate()
+    if cfg.format == "sft":
+        from .sft_prepare import prepare_sft  # imported here: it builds on this module
+
+        return prepare_sft(cfg)
     start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -100,8 +100,9 @@ class _SplitBuilder:
         directory.mkdir(parents=True)
         tokens = np.stack(self._tokens) if self._tokens else np.zeros((0, self.seq_len), self.dtype)
         prompt_len = np.asarray(self._prompt_lens, dtype=np.int32)
-        save_file({"tokens": tokens, "prompt_len": prompt_len}, str(directory / EXAMPLES_FILE),
-                  metadata={"format": "ecdlm-sft", "split": split})
+        # save() + write_bytes rather than save_file, which creates the file readable by its owner only.
+        blob = save({"tokens": tokens, "prompt_len": prompt_len}, metadata={"format": "ecdlm-sft", "split": split})
+        (directory / EXAMPLES_FILE).write_bytes(blob)
         meta = {
             **shared,
             "format_version": FORMAT_VERSION,

@@ -1,25 +1,35 @@
 """What every inference tool shares: the rule that turns a partly masked sequence into the mask
 ratio r the expert-choice capacity schedule needs, and where a loaded model lives.
 
-    r_B = mask_ratio(x_BL, valid_BL, mask_id)     # masked / non-pad, per sequence, as in pretraining
+    r_B = mask_ratio(x_BL, valid_BL, mask_id, prompt_BL, over)   # model.diffusion.mask_ratio's rule
 
 Legend: B batch, L length.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from model.diffusion import mask_ratio as ratio_of_mask
 from model.moe.dispatch import AllToAllDispatcher
 
-def mask_ratio(x_BL: torch.Tensor, valid_BL: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Fraction of the non-pad positions that are currently masked, prompt included.
 
-    This is r as pretraining sees it (no prompt there: every non-pad position can be masked), so an
-    expert-choice model gets the capacity it learned for a sequence with that much of it hidden.
-    A prompted sequence with one masked token has r = 1/L, not 1. A row of pads gets r = 0.
+def mask_ratio(x_BL: torch.Tensor, valid_BL: torch.Tensor, mask_id: int,
+               prompt_BL: Optional[torch.Tensor] = None, over: str = "sequence") -> torch.Tensor:
+    """r_b of a partly masked sequence, by the rule its model was trained with (the run's
+    `diffusion.mask_ratio_over`): masked / non-pad positions ("sequence", pretraining: a prompted
+    sequence with one masked token has r = 1/L) or masked / non-pad positions outside the prompt
+    ("response", supervised fine-tuning). A row of pads gets r = 0.
     """
-    masked = ((x_BL == mask_id) & valid_BL).sum(1).to(torch.float32)
-    return masked / valid_BL.sum(1).clamp_min(1).to(torch.float32)
+    return ratio_of_mask(x_BL == mask_id, valid_BL, prompt_BL, over)
+
+
+def model_mask_ratio(model, x_BL: torch.Tensor, valid_BL: torch.Tensor,
+                     prompt_BL: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """mask_ratio with the model's own mask id and rule."""
+    cfg = model.cfg
+    return mask_ratio(x_BL, valid_BL, cfg.model.mask_id, prompt_BL, cfg.diffusion.mask_ratio_over)
 
 
 def expert_parallel(model) -> bool:

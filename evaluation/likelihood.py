@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .inference import model_device
+from .inference import model_device, model_mask_ratio
 
 
 @dataclass
@@ -61,6 +61,11 @@ def pad_to_shape(x_SL: torch.Tensor, mask_SL: torch.Tensor, r_S: torch.Tensor, s
     return x, mask, r_S[take], valid
 
 
+def prompt_cols(S: int, P: int, L: int, device) -> torch.Tensor:
+    """Bool [S, P + L], True on the prompt's columns."""
+    return (torch.arange(P + L, device=device) < P).expand(S, P + L)
+
+
 @torch.no_grad()
 def masked_answer_nll(model, prompt: Sequence[int], answer: Sequence[int], amask_SL: torch.Tensor,
                       pad_to: Optional[tuple] = None) -> torch.Tensor:
@@ -74,7 +79,7 @@ def masked_answer_nll(model, prompt: Sequence[int], answer: Sequence[int], amask
     x_SL = torch.cat([torch.as_tensor(list(prompt), dtype=torch.long, device=dev).expand(S, P),
                       torch.where(amask_SL, torch.full_like(amask_SL, m.mask_id, dtype=torch.long), ans_L)], 1)
     mask_SL = torch.cat([torch.zeros(S, P, dtype=torch.bool, device=dev), amask_SL], 1)
-    r_S = amask_SL.sum(1).to(torch.float32) / (P + L)   # masked / whole sequence, as in pretraining
+    r_S = model_mask_ratio(model, x_SL, torch.ones_like(mask_SL), prompt_cols(S, P, L, dev))
     valid = None
     if pad_to is not None:
         x_SL, mask_SL, r_S, valid = pad_to_shape(x_SL, mask_SL, r_S, pad_to, m.pad_id)

@@ -13,8 +13,10 @@ probable (`low_confidence` remasking: the least confident stay masked) or a rand
 in float64. With classifier-free guidance, the unconditional branch sees the prompt replaced by
 mask tokens and logits = uncond + (scale + 1) (cond - uncond).
 
-Each forward passes the current mask ratio r_b (masked / generated positions) so an expert-choice
-model gets the capacity its schedule gives sequences in that state, as in training.
+Each forward passes the current mask ratio r_b so an expert-choice model gets the capacity its
+schedule gives sequences in that state, by the rule the model was trained with
+(evaluation/inference.py): masked / all non-pad positions after pretraining, masked / generated
+positions after supervised fine-tuning.
 
 Legend: B batch, P prompt length (left-padded), G generated length, L = P + G, V vocab, N rows.
 """
@@ -29,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .inference import mask_ratio, model_device
+from .inference import model_device, model_mask_ratio
 
 
 @dataclass(kw_only=True)
@@ -122,12 +124,12 @@ def guided_logits(model, x_BL, valid_BL, prompt_BL, rows_BL, cfg_scale: float) -
     """[N, V] logits at the positions `rows_BL`, with classifier-free guidance when cfg_scale > 0."""
     mask_id = model.cfg.model.mask_id
     pad_valid = None if bool(valid_BL.all()) else valid_BL   # None keeps the fast unpadded path
-    r_B = mask_ratio(x_BL, valid_BL, mask_id)
+    r_B = model_mask_ratio(model, x_BL, valid_BL, prompt_BL)
     if cfg_scale <= 0:
         return model(x_BL, r_B, pad_valid, logits_mask_BL=rows_BL).logits
     # unconditional branch: the prompt is masked too
     x_un = torch.where(prompt_BL, torch.full_like(x_BL, mask_id), x_BL)
-    r_un = mask_ratio(x_un, valid_BL, mask_id)
+    r_un = model_mask_ratio(model, x_un, valid_BL, prompt_BL)
     both_V = pad_valid if pad_valid is None else torch.cat([pad_valid, pad_valid])
     logits = model(torch.cat([x_BL, x_un]), torch.cat([r_B, r_un]), both_V,
                    logits_mask_BL=torch.cat([rows_BL, rows_BL])).logits

@@ -93,6 +93,11 @@ class DiffusionConfig:
     low_discrepancy: bool = True
     # stable: sum of CE over masked tokens / maskable tokens (EC-DLM's --difflm-stable-training)
     loss_weighting: Literal["elbo", "uniform", "stable"] = "elbo"
+    # What the mask ratio r_b (capacity schedule and ELBO weight) counts masked tokens over:
+    # "sequence": every non-pad position (pretraining, where nothing is a prompt); "response":
+    # the non-pad positions outside the prompt (train.mode=sft sets it; the sampler and the HF
+    # model then use the same rule). Identical when there is no prompt.
+    mask_ratio_over: Literal["sequence", "response"] = "sequence"
 
 
 @dataclass
@@ -280,6 +285,8 @@ def validate_diffusion(d: DiffusionConfig) -> None:
     _require(0 < d.eps < 1, f"diffusion.eps={d.eps} must be in (0, 1)")
     _require(d.loss_weighting in ("elbo", "uniform", "stable"),
              f"diffusion.loss_weighting={d.loss_weighting!r} must be elbo, uniform or stable")
+    _require(d.mask_ratio_over in ("sequence", "response"),
+             f"diffusion.mask_ratio_over={d.mask_ratio_over!r} must be sequence or response")
 
 
 # ---- building dataclasses from dicts, with type checks that name the key ---------------------

@@ -34,6 +34,27 @@ def time_from_u(u: torch.Tensor, eps: float) -> torch.Tensor:
     return (1 - eps) * u + eps
 
 
+def mask_ratio(mask_BL: torch.Tensor, valid_BL: Optional[torch.Tensor] = None,
+               prompt_BL: Optional[torch.Tensor] = None, over: str = "sequence") -> torch.Tensor:
+    """r_b: the fraction of a sequence's positions that are masked, the one rule that training,
+    the sampler and the HF model share (so an expert-choice layer gets the same capacity for the
+    same partly masked input wherever it runs).
+
+    over="sequence": masked / non-pad positions (pretraining: nothing is a prompt).
+    over="response": masked / non-pad positions outside the prompt (supervised fine-tuning: the
+    prompt is never masked, so r_b is the response's state, the quantity its ELBO weighting and the
+    capacity schedule learned). With no prompt both give the same value. A sequence with nothing
+    to count gets r = 0.
+    """
+    count_BL = torch.ones_like(mask_BL, dtype=torch.bool) if valid_BL is None else valid_BL.bool()
+    if over == "response" and prompt_BL is not None:
+        count_BL = count_BL & ~prompt_BL.bool()
+    elif over not in ("sequence", "response"):
+        raise ValueError(f"over={over!r} must be 'sequence' or 'response'")
+    masked = (mask_BL.bool() & count_BL).sum(1).to(torch.float32)
+    return masked / count_BL.sum(1).clamp_min(1).to(torch.float32)
+
+
 @dataclass
 class Masked:
     noisy_BL: torch.Tensor     # tokens with masked positions replaced by the mask id
@@ -59,8 +80,8 @@ def mask_tokens(tokens_BL: torch.Tensor, t_B: torch.Tensor, token_u_BL: torch.Te
     first_B = token_u.masked_fill(~maskable, float("inf")).argmin(1)
     col_L = torch.arange(mask.shape[1], device=mask.device)
     mask = mask | (empty_B[:, None] & (col_L[None, :] == first_B[:, None]))
-    n_maskable = maskable.sum(1)
-    ratio = mask.sum(1).to(torch.float32) / n_maskable.clamp_min(1).to(torch.float32)
+    # masked / maskable: what the ELBO weight needs; it is mask_ratio's "response" rule
+    ratio = mask_ratio(mask, valid_BL, prompt_BL, "response")
     noisy = torch.where(mask, torch.full_like(tokens_BL, mask_id), tokens_BL)
     return Masked(noisy, mask, ratio, maskable)
 
@@ -131,6 +152,9 @@ def forward_loss(model, tokens_BL: torch.Tensor, u_B: torch.Tensor, token_u_BL: 
                  valid_BL: Optional[torch.Tensor] = None, prompt_BL: Optional[torch.Tensor] = None) -> TrainingForward:
     """One diffusion training forward: mask, run the model on the noisy tokens, weigh the NLL."""
     cfg = model.cfg
+    if prompt_BL is not None and cfg.diffusion.mask_ratio_over != "response":
+        raise ValueError("a prompt mask needs diffusion.mask_ratio_over=response (train.mode=sft sets it): "
+                         "the ELBO weight and the capacity schedule count the response only")
     t_B = time_from_u(u_B, cfg.diffusion.eps).to(tokens_BL.device)
     masked = mask_tokens(tokens_BL, t_B, token_u_BL.to(tokens_BL.device), cfg.model.mask_id, valid_BL, prompt_BL)
     out = model(masked.noisy_BL, masked.ratio_B, valid_BL, logits_mask_BL=masked.mask_BL)

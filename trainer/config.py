@@ -43,6 +43,9 @@ class TrainConfig:
     comm_timeout_s: float = 900.0             # every collective of every process group (a backstop: exit 1)
     setup_timeout_s: float = 900.0            # watchdog: start-up to the first completed step (exit 88)
     hang_timeout_s: float = 600.0             # watchdog: between completed steps and saves; 0: no watchdog
+    # pretrain: diffusion over whole sequences; sft: prompts never masked, loss and mask ratio over
+    # the response (README "Supervised fine-tuning"); auto: what the prepared data is
+    mode: Literal["auto", "pretrain", "sft"] = "auto"
 
 
 @dataclass
@@ -95,6 +98,18 @@ class EvalConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where a new run's weights come from (YAML key `init.from`): None for a fresh initialization,
+    or an ecdlm run or checkpoint directory (any layout), or a Hugging Face directory. Weights
+    only: the optimizer is fresh and the step is 0. A run that has its own checkpoint resumes from
+    that instead (a requeued fine-tuning job must not start over)."""
+    source: Optional[str] = None
+
+
+INIT_KEYS = {"from": "source"}   # YAML name -> field name (`from` is a Python keyword)
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"   # auto: online iff an API key is set
     project: str = "ecdlm"
@@ -111,6 +126,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self):
         validate_train(self)
@@ -133,6 +149,7 @@ class RunConfig:
         out = dataclasses.asdict(self.model_config)
         out.update({f.name: dataclasses.asdict(getattr(self, f.name))
                     for f in dataclasses.fields(self) if f.name != "model_config"})
+        out["init"] = {yaml_key: out["init"][name] for yaml_key, name in INIT_KEYS.items()}
         return out
 
     @property
@@ -150,9 +167,32 @@ def run_config_from_dict(tree: dict) -> RunConfig:
         raise ConfigError(f"unknown config key {unknown[0]}; known keys under the top level: "
                           f"{', '.join(sorted((*MODEL_SECTIONS, *run_fields)))}")
     model_config = from_dict(ModelConfig, {k: tree[k] for k in MODEL_SECTIONS if k in tree})
+    if isinstance(tree.get("init"), dict):
+        init = tree["init"]
+        unknown = sorted(set(init) - set(INIT_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown config key init.{unknown[0]}; known keys under init: {', '.join(INIT_KEYS)}")
+        tree = {**tree, "init": {INIT_KEYS[k]: v for k, v in init.items()}}
     hints = typing.get_type_hints(RunConfig)
     sections = {k: coerce(hints[k], v, k) for k, v in tree.items() if k in run_fields}
     return RunConfig(model_config=model_config, **sections)
+
+
+def resolve_mode(cfg: RunConfig, data_format: str) -> RunConfig:
+    """The run with `train.mode` made concrete from the prepared data's format ("pretrain" or
+    "sft"), and the model's mask-ratio rule set to match it (what the sampler and the HF export
+    read back). A mode that contradicts the data is a ConfigError naming both."""
+    mode = cfg.train.mode
+    if mode == "auto":
+        mode = data_format
+    elif mode != data_format:
+        how = ("prepare it with `python -m trainer.data prepare --format sft ...`" if mode == "sft"
+               else "set train.mode=sft (or auto)")
+        raise ConfigError(f"train.mode={mode} but data.path={cfg.data.path} holds {data_format} data; {how}")
+    over = "response" if mode == "sft" else "sequence"
+    diffusion = dataclasses.replace(cfg.diffusion, mask_ratio_over=over)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode=mode),
+                               model_config=dataclasses.replace(cfg.model_config, diffusion=diffusion))
 
 
 def validate_train(cfg: RunConfig) -> None:
@@ -182,6 +222,8 @@ def validate_train(cfg: RunConfig) -> None:
     if t.hang_timeout_s < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 seconds (0 disables the watchdog)")
     validate_tasks(cfg.eval.tasks)
+    if cfg.init.source is not None and not (isinstance(cfg.init.source, str) and cfg.init.source):
+        raise ConfigError(f"init.from={cfg.init.source!r} must be a path (a run, checkpoint or Hugging Face directory)")
 
 
 def validate_tasks(tasks: list, prefix: str = "eval.tasks") -> None:

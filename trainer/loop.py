@@ -40,7 +40,10 @@ def train_step(s: Session, step: int, stats: StepStats, bias: ExpertBiasBalancer
     for _ in range(s.loader.grad_accum_steps):
         mb = s.loader.next_micro_batch()
         idx = mb.global_offsets
-        fwd = s.engine(mb.tokens.to(s.device), u_G[idx].to(s.device), token_u_GL[idx].to(s.device))["forward"]
+        # SFT: the prompt mask (never masked, no loss); EOS fill is part of the response, so no pads
+        prompt = None if mb.prompt_mask is None else mb.prompt_mask.to(s.device)
+        fwd = s.engine(mb.tokens.to(s.device), u_G[idx].to(s.device), token_u_GL[idx].to(s.device),
+                       prompt_BL=prompt)["forward"]
         guard.add_micro(fwd.loss)   # before engine.step(): the boundary's check reads it
         s.engine.backward(fwd.loss)
         s.engine.step()   # DeepSpeed steps the optimizer only at the accumulation boundary

@@ -13,14 +13,17 @@ import torch.distributed as dist
 
 from model import DiffusionTransformer
 from model.config import ConfigError
-from trainer.data import PackedLoader, TokenStore, check_vocab, fixed_eval_batches
+from trainer.data import (PackedLoader, SFTLoader, TokenStore, check_vocab, data_format, fixed_eval_batches,
+                          fixed_sft_eval_batches)
+from trainer.data.sft_loader import SFTExamples
 
 from . import checkpoints
-from .config import RunConfig, save_config
+from .config import RunConfig, resolve_mode, save_config
 from .engine import checkpoint as engine_ckpt
 from .engine.build import build_engine
 from .engine.ds_config import load_ds_config, resolve_ds_config
 from .engine.parallel import init_distributed
+from .init_weights import check_init_source
 
 log = logging.getLogger("ecdlm")
 
@@ -33,7 +36,8 @@ def setup_logging(rank: int) -> None:
 def preflight(cfg: RunConfig, ds_config_path: str) -> tuple:
     """Everything checkable before processes talk to each other: fail fast, name the problem.
     Every rank runs it on the same files, so every rank reaches the same verdict and the same
-    checkpoint to resume from. Returns (DeepSpeed JSON, checkpoint to resume or None)."""
+    checkpoint to resume from. Returns (the config with train.mode resolved from the data,
+    DeepSpeed JSON, checkpoint to resume or None)."""
     ds_raw = load_ds_config(ds_config_path)
     world = int(os.environ.get("WORLD_SIZE", "1"))   # known before init under every launcher but MPI
     if cfg.moe.router != "dense" and world % cfg.moe.ep_size:
@@ -44,8 +48,10 @@ def preflight(cfg: RunConfig, ds_config_path: str) -> tuple:
             raise FileNotFoundError(f"data.path={cfg.data.path} has no prepared {split} split; run "
                                     f"`python -m trainer.data prepare --out {cfg.data.path}` first")
     check_vocab(cfg.data.path, cfg.model.vocab_size, cfg.model.pad_id, cfg.model.mask_id, data_path=cfg.data.path)
-    for split in ("train", "val"):   # every shard present and as long as meta.json says (stat only)
-        TokenStore(os.path.join(cfg.data.path, split))
+    cfg = resolve_mode(cfg, data_format(cfg.data.path))   # before the resume check: it compares configs
+    for split in ("train", "val"):   # every file present and as long as meta.json says
+        split_dir = os.path.join(cfg.data.path, split)
+        TokenStore(split_dir) if cfg.train.mode == "pretrain" else SFTExamples(split_dir, cfg.train.seq_len)
     if cfg.eval.tasks:
         from evaluation.tasks import check_tasks   # the task files, before anything expensive
         check_tasks(cfg.eval.tasks)
@@ -56,7 +62,9 @@ def preflight(cfg: RunConfig, ds_config_path: str) -> tuple:
     resume = checkpoints.find_checkpoint(cfg.run_dir, cfg.train.resume)   # verifies manifests
     if resume:
         checkpoints.check_resumable(cfg, resume)
-    return ds_raw, resume
+    elif cfg.init.source:
+        check_init_source(cfg.init.source, cfg.model_config)
+    return cfg, ds_raw, resume
 
 
 @dataclass
@@ -102,9 +110,21 @@ class Session:
         return self.start_step
 
 
+def open_data(cfg: RunConfig, rank: int, world: int) -> tuple:
+    """(train loader, fixed validation batches) for the run's mode: packed token streams for
+    pretraining, one example per sequence with its prompt mask for supervised fine-tuning."""
+    t = cfg.train
+    train_dir, val_dir = (os.path.join(cfg.data.path, split) for split in ("train", "val"))
+    Loader, eval_batches = ((SFTLoader, fixed_sft_eval_batches) if t.mode == "sft"
+                            else (PackedLoader, fixed_eval_batches))
+    loader = Loader(train_dir, t.seq_len, t.global_batch_size, t.micro_batch_size, rank, world, t.seed,
+                    prefetch=cfg.data.prefetch)
+    return loader, eval_batches(val_dir, t.seq_len, cfg.eval.batch_size, cfg.eval.batches)
+
+
 def setup(cfg: RunConfig, ds_config_path: str) -> Session:
     """Checks, process groups, model, DeepSpeed engine, data, and resume."""
-    ds_raw, resume = preflight(cfg, ds_config_path)
+    cfg, ds_raw, resume = preflight(cfg, ds_config_path)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
@@ -121,12 +141,13 @@ def setup(cfg: RunConfig, ds_config_path: str) -> Session:
             json.dump(ds, f, indent=2)
     dist.barrier()
 
-    built = build_engine(cfg, ds)
+    # a run with a checkpoint of its own resumes from it: a requeued fine-tuning job must not start over
+    init_from = None if resume else cfg.init.source
+    if resume and cfg.init.source:
+        log.info("init.from=%s not used: resuming from the run's own checkpoint %s", cfg.init.source, resume)
+    built = build_engine(cfg, ds, init_from=init_from)
     t = cfg.train
-    loader = PackedLoader(os.path.join(cfg.data.path, "train"), t.seq_len, t.global_batch_size,
-                          t.micro_batch_size, rank, world, t.seed, prefetch=cfg.data.prefetch)
-    val_batches = fixed_eval_batches(os.path.join(cfg.data.path, "val"), t.seq_len, cfg.eval.batch_size,
-                                     cfg.eval.batches)
+    loader, val_batches = open_data(cfg, rank, world)
     session = Session(cfg=cfg, engine=built.engine, model=built.model, scheduler=built.scheduler, loader=loader,
                       val_batches=val_batches, device=device, rank=rank, world=world, ep_size=built.ep_size,
                       ep_rank=built.ep_rank, expert_dp_rank=built.expert_dp_rank,

@@ -22,18 +22,21 @@ def evaluate(model, batches: list, cfg, rank: int, world: int, device) -> dict:
     num = torch.zeros(n, dtype=torch.float64)
     cnt = torch.zeros(n, dtype=torch.float64)
     g = torch.Generator().manual_seed(cfg.eval.seed)
-    noise = [torch.rand(n, *b.shape, generator=g) for b in batches]   # same stream on every rank
+    # a batch is a token tensor (pretraining) or (tokens, prompt mask) (supervised fine-tuning)
+    batches = [b if isinstance(b, tuple) else (b, None) for b in batches]
+    noise = [torch.rand(n, *b[0].shape, generator=g) for b in batches]   # same stream on every rank
     rounds = -(-len(batches) // world)
     for r in range(rounds):
         # every rank runs the same number of forwards (expert parallelism all-to-alls in each);
         # a rank with no batch left repeats batch 0 and discards the result
         i = r * world + rank
         real = i < len(batches)
-        tokens, token_u = (batches[i], noise[i]) if real else (batches[0], noise[0])
+        (tokens, prompt), token_u = (batches[i], noise[i]) if real else (batches[0], noise[0])
         tokens = tokens.to(device)
+        prompt = None if prompt is None else prompt.to(device)
         for j in range(n):
             t = torch.full((tokens.shape[0],), (j + 0.5) / n, device=device)
-            masked = mask_tokens(tokens, t, token_u[j].to(device), cfg.model.mask_id)
+            masked = mask_tokens(tokens, t, token_u[j].to(device), cfg.model.mask_id, prompt_BL=prompt)
             out = model(masked.noisy_BL, masked.ratio_B, None, logits_mask_BL=masked.mask_BL)
             if real:
                 bn, bc = loss_by_ratio_bin(diffusion_loss(out.logits, tokens, masked, "elbo"), n)

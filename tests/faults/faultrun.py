@@ -124,8 +124,13 @@ def last_step(run_dir: Path) -> int:
 
 
 def first_error_line(text: str) -> str:
-    """The first line of the output that reports an error: what a user reads first."""
+    """The first line of the output that reports an error: what a user reads first. A traceback's
+    frames (indented after an optional "[rankN]:" prefix) are skipped: their source lines may name a
+    variable called error, but the message that ends the traceback is what reports it."""
     for line in text.splitlines():
+        body = re.sub(r"^\[rank\d+\]: ?", "", line)
+        if body.startswith((" ", "\t")):
+            continue
         if re.search(r"\berror\b", line, re.I) and "UserWarning" not in line:
             return line
     return ""

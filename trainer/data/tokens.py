@@ -19,6 +19,9 @@ class TokenStore:
         self.meta = load_meta(self.path)
         if "split" not in self.meta:
             raise DataError(f"{self.path} is a prepared directory, not a split; use {self.path / 'train'}")
+        if self.meta.get("format", "pretrain") != "pretrain":
+            raise DataError(f"{self.path} holds {self.meta['format']} examples, not a token stream: read it with "
+                            f"SFTLoader (train.mode=sft), or prepare pretraining data without --format sft")
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self._shards: List[np.ndarray] = []
         self._starts = [0]

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from model import DiffusionTransformer
 
+from ..init_weights import load_initial_weights
 from ..schedule import build_scheduler
 from .objective import DiffusionObjective
 from .parallel import (MoEMarker, create_expert_groups, expert_data_parallel_group, optimizer_param_groups,
@@ -38,12 +39,15 @@ class Engine:
     expert_dp_rank: int
 
 
-def build_engine(cfg, ds: dict) -> Engine:
-    """Collective. The model with its experts split over `moe.ep_size` ranks, wrapped by DeepSpeed."""
+def build_engine(cfg, ds: dict, init_from: Optional[str] = None) -> Engine:
+    """Collective. The model with its experts split over `moe.ep_size` ranks, its weights from
+    `init_from` if given (before DeepSpeed copies them into its fp32 partitions), wrapped by DeepSpeed."""
     has_moe = cfg.moe.router != "dense"
     ep_size = cfg.moe.ep_size if has_moe else 1
     ep_group = create_expert_groups(ep_size) if has_moe else None
     model = DiffusionTransformer(cfg.model_config, ep_group if ep_size > 1 else None, seed=cfg.train.seed)
+    if init_from:
+        load_initial_weights(model, cfg, init_from)
     marker: Optional[MoEMarker] = None
     if has_moe:
         tag_expert_params(model, ep_size)

@@ -12,9 +12,12 @@ math is ecdlm's (model/transformer.py, model/moe/*.py), written out plainly here
   - token choice: softmax or sigmoid scores, top-k, optional renormalization, optional expert bias
     (selection only, or also in the gates), optional capacity factor (drops the lowest scores).
 
-`forward(input_ids, attention_mask=None)` returns `.logits` [B, L, V]. The mask ratio that sets
-expert-choice capacity is derived from the input as ecdlm's sampler does: mask tokens over non-pad
-positions; pass `mask_ratio` [B] to override it.
+`forward(input_ids, attention_mask=None, prompt_mask=None)` returns `.logits` [B, L, V]. The mask
+ratio that sets expert-choice capacity is derived from the input by the rule the model was trained
+with, as ecdlm's sampler does (config ecdlm.diffusion.mask_ratio_over): mask tokens over non-pad
+positions ("sequence", after pretraining), or over non-pad positions outside `prompt_mask`
+("response", after supervised fine-tuning; no prompt_mask means no prompt). Pass `mask_ratio` [B]
+to override it.
 
 Legend: B batch, L length, D model dim, E experts, T = B*L tokens, V vocab.
 """
@@ -257,12 +260,18 @@ class EcdlmForMaskedLM(PreTrainedModel):
     def get_input_embeddings(self):
         return self.embed
 
-    def mask_ratio(self, input_ids, valid_BL):
-        """Mask tokens over non-pad positions, per sequence (ecdlm's evaluation/inference.py rule)."""
-        masked = ((input_ids == self.config.ecdlm["model"]["mask_id"]) & valid_BL).sum(1).to(torch.float32)
-        return masked / valid_BL.sum(1).clamp_min(1).to(torch.float32)
+    def mask_ratio(self, input_ids, valid_BL, prompt_mask=None):
+        """Mask tokens over the positions the run's rule counts, per sequence (ecdlm's
+        model/diffusion.py mask_ratio): non-pad ones, minus the prompt under "response"."""
+        count_BL = valid_BL
+        if self.config.ecdlm.get("diffusion", {}).get("mask_ratio_over", "sequence") == "response" \
+                and prompt_mask is not None:
+            count_BL = valid_BL & ~prompt_mask.bool()
+        masked = ((input_ids == self.config.ecdlm["model"]["mask_id"]) & count_BL).sum(1).to(torch.float32)
+        return masked / count_BL.sum(1).clamp_min(1).to(torch.float32)
 
-    def forward(self, input_ids, attention_mask=None, mask_ratio=None, return_dict=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, prompt_mask=None, return_dict=None,
+                **kwargs):
         cfg = self.config.ecdlm
         m, moe = cfg["model"], cfg["moe"]
         B, L = input_ids.shape
@@ -271,7 +280,8 @@ class EcdlmForMaskedLM(PreTrainedModel):
         dev = input_ids.device
         valid_BL = (attention_mask.bool() if attention_mask is not None
                     else torch.ones(B, L, dtype=torch.bool, device=dev))
-        r_B = self.mask_ratio(input_ids, valid_BL) if mask_ratio is None else mask_ratio.to(dev, torch.float32)
+        r_B = (self.mask_ratio(input_ids, valid_BL, prompt_mask) if mask_ratio is None
+               else mask_ratio.to(dev, torch.float32))
         k_B = experts_per_token(moe["capacity"], r_B) if moe["router"] == "expert_choice" else None
         table = self.config.gate_scale_table
         scale_table = (torch.tensor(table, dtype=torch.float32, device=dev)

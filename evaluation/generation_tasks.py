@@ -14,9 +14,11 @@ under r"#### (\\-?[0-9.,]+)".
 Collective when world > 1, like evaluation/multiple_choice.py: every rank takes every world-th
 item (padding with repeats it discards, so all ranks make the same number of generate calls) and
 the counts are summed with one all_reduce. Under expert parallelism every forward is an
-all-to-all whose sizes follow from shapes, so every generate call then has the same rows and the
-same prompt length on every rank: batch_size prompts plus one extra row holding the task's longest
-prompt (its result ignored), which sets the left-padded length.
+all-to-all whose sizes the ranks must agree on, so every generate call then has the same shape on
+every rank and takes the same path: batch_size prompts (the last batch filled with repeats) plus
+two rows whose results are ignored, the task's longest prompt (it sets the left-padded length) and
+an empty prompt (left padding in every call: a call without any takes the static-capacity path,
+whose sizes each rank derives alone, while one with padding exchanges them).
 """
 from __future__ import annotations
 
@@ -123,14 +125,14 @@ def prompt_ids(model, tok, item: GenItem, gen_length: int) -> list:
 
 def completions(model, tok, items: Sequence[GenItem], task, shape_row: Optional[list] = None) -> list:
     """Completion text per item, batch_size prompts per generate call; with `shape_row` (expert
-    parallelism) every call gets batch_size rows plus that row, whose result is dropped."""
+    parallelism) every call gets batch_size rows, then that row and an empty one (results dropped)."""
     sc = sample_config(task)   # greedy: the result depends on no random draw
     out = []
     for i in range(0, len(items), task.batch_size):
         batch = [prompt_ids(model, tok, it, sc.gen_length) for it in items[i:i + task.batch_size]]
         rows = batch
         if shape_row is not None:
-            rows = batch + [shape_row] * (task.batch_size + 1 - len(batch))
+            rows = batch + [shape_row] * (task.batch_size + 1 - len(batch)) + [[]]
         gen = generate(model, rows, sc)
         out += [completion_text(tok, row, task.stop) for row in gen.generated_BG[:len(batch)].tolist()]
     return out

@@ -50,3 +50,17 @@ def test_the_trainer_refuses_before_starting(small_corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_main("--config", "configs/tiny.yaml", *ok, f"init.from={tmp_path / 'empty'}")
     assert proc.returncode == 2 and "no complete checkpoint found" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_retrofit_preset_fits_llada_moe_weights_at_static_and_dynamic_capacity():
+    import torch
+    from model import DiffusionTransformer
+    tc = load_config("configs/llada_moe_7b.yaml")
+    for over in ((), ("moe.capacity.schedule=linear_reverse", "moe.capacity.k_min=2", "moe.capacity.k_max=14")):
+        ec = load_config("configs/retrofit_llada_moe.yaml", over)
+        assert ec.moe.router == "expert_choice" and ec.train.mode == "sft" and ec.init.source
+        assert abs(ec.model_config.capacity.expected_k() - 8) < 0.08   # FLOP-matched to TC's top-8
+    with torch.device("meta"):   # shapes only: 7B parameters are never allocated
+        shapes = [{n: t.shape for n, t in DiffusionTransformer(c.model_config).state_dict().items()}
+                  for c in (tc, ec)]
+    assert shapes[0] == shapes[1]   # every tensor of an imported LLaDA-MoE loads by init.from

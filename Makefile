@@ -6,7 +6,7 @@ DATA    ?= data/default
 NPROC   ?= 2
 CONFIG  ?= configs/tiny.yaml
 DS_CONFIG ?= ds_configs/zero2.json
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: setup train test bench reproduce clean-venv
 

@@ -104,15 +104,11 @@ def colour_items(items) -> list:
     return [GenItem(it.prompt, it.choices[it.answer]) for it in items]
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """(model, tokenizer, MC items): a tiny EC model trained, pretraining-style (no prompt mask:
-    independent of the SFT objective), on "the colour of thing<i> is <colour>" for the 24 items of
-    the colour task."""
+def train_colour_model(mc, tok, vocab: int, max_seq_len: int = 32, steps: int = 350) -> DiffusionTransformer:
+    """A tiny EC model trained, pretraining-style (no prompt mask: independent of the SFT
+    objective), on "the colour of thing<i> is <colour>" for the items of the colour task."""
     from model import forward_loss
-    mc = make_task()
-    tok = tokenizer_for(mc)
-    model = DiffusionTransformer(tiny_config("expert_choice", vocab=len(tok.words), max_seq_len=32), seed=0)
+    model = DiffusionTransformer(tiny_config("expert_choice", vocab=vocab, max_seq_len=max_seq_len), seed=0)
     rows = [tok.encode(it.prompt + " " + it.choices[it.answer]) for it in mc]
     L = max(map(len, rows))
     tokens = torch.zeros(len(rows), L, dtype=torch.long)
@@ -122,13 +118,21 @@ def trained():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(350):   # mask ratios in [0, 0.5): mostly the answer is guessed from the prompt
+    for _ in range(steps):   # mask ratios in [0, 0.5): mostly the answer is guessed from the prompt
         u = torch.rand(len(rows), generator=g, dtype=torch.float64) * 0.5
         loss = forward_loss(model, tokens, u, torch.rand(tokens.shape, generator=g), valid).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), tok, mc
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(model, word tokenizer, MC items) of the colour task."""
+    mc = make_task()
+    tok = tokenizer_for(mc)
+    return train_colour_model(mc, tok, len(tok.words)), tok, mc
 
 
 def direct_exact_match(model, tok, items, task) -> float:

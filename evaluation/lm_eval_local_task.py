@@ -2,7 +2,7 @@
 with `mode: generate`, evaluation/generation_tasks.py), so lm-eval scores it by exact match:
 
     python -m evaluation.lm_eval_local_task --jsonl data/gsm8k_dev.jsonl --name gsm8k_dev --out tasks/ \
-        [--answer-regex '#### (\\-?[0-9.,]+)'] [--max-gen-toks 256] [--until Question: --until '\\n\\n']
+        [--answer-regex '#### (\\-?[0-9.,]+)'] [--max-gen-toks 256] [--until Question: --until '\\n\\n' (a blank line)]
     python -m evaluation.lm_eval_adapter --model ecdlm --model_args path=runs/sft \
         --include_path tasks/ --tasks gsm8k_dev
 
@@ -32,6 +32,12 @@ PROMPT = "(prompt if prompt is defined and prompt is not none else question)"
 ANSWER = "(answer if answer is defined and answer is not none else response)"
 FILTER_NAME = "answer"   # lm-eval reports the metric as exact_match,<filter name>
 _LEADING_FLAGS = re.compile(r"^\(\?[aiLmsux]+\)")
+
+
+def unescape(stop: str) -> str:
+    """A --until value as typed in a shell: backslash-n and backslash-t are a newline and a tab
+    ("\\\\" a backslash), since a shell passes "\\n" through as two characters."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], stop)
 
 
 def check_regex(pattern: str) -> re.Pattern:
@@ -128,10 +134,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="directory for NAME.yaml (lm-eval's --include_path)")
     p.add_argument("--answer-regex", default=None, help="compare the first match (group 1 if any) of both sides")
     p.add_argument("--max-gen-toks", type=int, default=32, help="tokens generated per prompt")
-    p.add_argument("--until", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--until", action="append", default=[],
+                   help="stop string (repeatable); \\n and \\t are a newline and a tab")
     args = p.parse_args(argv)
     try:
-        path = write_task(args.jsonl, args.name, args.out, args.answer_regex, args.max_gen_toks, args.until)
+        path = write_task(args.jsonl, args.name, args.out, args.answer_regex, args.max_gen_toks,
+                          [unescape(u) for u in args.until])
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -100,3 +100,6 @@ def test_writer_refuses_bad_input_before_writing(tmp_path):
     spec = yaml.safe_load(open(write_task(str(data), "t", str(out), until=["\n\n"])))
     assert spec["dataset_kwargs"]["data_files"]["test"] == str(data.resolve())
     assert spec["generation_kwargs"]["until"] == ["\n\n"] and spec["output_type"] == "generate_until"
+    # a shell passes "\n" as backslash + n: the command line reads it as a newline
+    assert main(["--jsonl", str(data), "--name", "u", "--out", str(out), "--until", "\\n", "--until", "Q:"]) == 0
+    assert yaml.safe_load(open(out / "u.yaml"))["generation_kwargs"]["until"] == ["\n", "Q:"]

@@ -59,6 +59,9 @@ def load_generation_jsonl(path: str, limit: Optional[int] = None) -> list:
                 raise ValueError(f"{path}:{n}: not a JSON object ({err.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{n}: each line must be a JSON object with 'prompt' and 'answer'")
+            if "choices" in row:   # its answer is an index, which no completion should equal
+                raise ValueError(f"{path}:{n}: a multiple-choice line (it has 'choices'); generate tasks need "
+                                 "'prompt' and 'answer' text, multiple choice is mode single_mask or likelihood")
             prompt, answer = _field(row, ("prompt", "question")), _field(row, ("answer", "response"))
             if not isinstance(prompt, str) or not prompt:
                 raise ValueError(f"{path}:{n}: need a non-empty string 'prompt' (or 'question')")

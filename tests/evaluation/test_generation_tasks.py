@@ -58,7 +58,8 @@ def test_jsonl_fields_aliases_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"g.jsonl:2: need an 'answer'"):
         load_generation_jsonl(str(path))
     path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
-    assert load_generation_jsonl(str(path)) == [GenItem("q", "0")]   # MC lines read as prompt/answer
+    with pytest.raises(ValueError, match=r"g.jsonl:1: a multiple-choice line"):
+        load_generation_jsonl(str(path))
 
 
 # ---- config checks --------------------------------------------------------------------------------
@@ -78,8 +79,8 @@ def test_generate_task_specs_are_checked_before_training(tmp_path):
                        ({"mode": "sample"}, r"eval.tasks\[0\].mode")):
         with pytest.raises(ConfigError, match=field):
             check_tasks([{**ok, **bad}])
-    (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "q", "choices": ["a"]}) + "\n")
-    with pytest.raises(ConfigError, match=r"eval.tasks\[0\]: .*mc.jsonl:1: need an 'answer'"):
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}) + "\n")
+    with pytest.raises(ConfigError, match=r"eval.tasks\[0\]: .*mc.jsonl:1: a multiple-choice line"):
         check_tasks([{**ok, "path": str(tmp_path / "mc.jsonl")}])
 
 

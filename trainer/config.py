@@ -222,6 +222,10 @@ def validate_train(cfg: RunConfig) -> None:
     if t.hang_timeout_s < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 seconds (0 disables the watchdog)")
     validate_tasks(cfg.eval.tasks)
+    for i, task in enumerate(cfg.eval.tasks):   # a generation must leave room for a prompt
+        if task.mode == "generate" and task.gen_length >= cfg.model.max_seq_len:
+            raise ConfigError(f"eval.tasks[{i}].gen_length={task.gen_length} must be < "
+                              f"model.max_seq_len={cfg.model.max_seq_len} (the prompt needs room too)")
     if cfg.init.source is not None and not (isinstance(cfg.init.source, str) and cfg.init.source):
         raise ConfigError(f"init.from={cfg.init.source!r} must be a path (a run, checkpoint or Hugging Face directory)")
 

@@ -2,6 +2,7 @@
 the same under two gloo ranks as on one, and the on-the-fly `evaluate_tasks` entry point."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -67,6 +68,8 @@ def training_rows(items, tok) -> list:
 def train_tiny(items, tok, steps: int = 150, seed: int = 0, vocab: int = None,
                max_seq_len: int = 32) -> DiffusionTransformer:
     cfg = tiny_config("expert_choice", vocab=vocab or len(tok.words), max_seq_len=max_seq_len)
+    # trained on prompted rows, as SFT is: the mask ratio counts the answer (and so does inference)
+    cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, mask_ratio_over="response"))
     model = DiffusionTransformer(cfg, seed=seed)
     rows = training_rows(items, tok)
     L = max(len(p) + len(a) for p, a in rows)

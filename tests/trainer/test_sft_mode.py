@@ -64,3 +64,8 @@ def test_the_retrofit_preset_fits_llada_moe_weights_at_static_and_dynamic_capaci
         shapes = [{n: t.shape for n, t in DiffusionTransformer(c.model_config).state_dict().items()}
                   for c in (tc, ec)]
     assert shapes[0] == shapes[1]   # every tensor of an imported LLaDA-MoE loads by init.from
+
+
+def test_a_generation_longer_than_the_model_is_refused_in_the_config():
+    with pytest.raises(ConfigError, match=r"eval.tasks\[0\].gen_length=128 must be < model.max_seq_len=128"):
+        load_config("configs/tiny.yaml", ("eval.tasks=[{name: g, path: x, mode: generate, gen_length: 128}]",))

@@ -5,14 +5,11 @@ the splits are built under a temporary folder, the old meta.json is removed, the
 files are renamed into place, and meta.json is written last.
 """
 
-import hashlib
 import logging
 import multiprocessing
-import os
 import shutil
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -20,16 +17,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .corpus import Corpus, Document, FilesCorpus, HubCorpus, StdlibCorpus, capped
-from .errors import DataError
 from .meta import FORMAT_VERSION, META_FILE, write_json_atomic
+from .prepare_common import (SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenizer, is_val,
+                             no_train_docs, replace_path)
+from .sft_prepare import prepare_sft
 from .shards import ShardWriter
-from .tokenizer import TokenizerInfo, encode_chunk, init_worker, load_tokenizer, token_dtype, train_tokenizer
+from .tokenizer import TokenizerInfo, encode_chunk, init_worker, token_dtype
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
-TOKENIZER_FILE = "tokenizer.model"
-DEFAULT_VOCAB_SIZE = 4096
 # The whole CPython 3.11 standard library without tests is ~12 MB; the cap keeps newer or
 # larger installations near a one-minute prepare on two cores.
 STDLIB_MAX_BYTES = 16_000_000
@@ -37,60 +33,6 @@ STDLIB_MAX_BYTES = 16_000_000
 # keep every worker busy and the progress bar moving.
 _CHUNK_BYTES = 1 << 20
 _CHUNK_DOCS = 512
-
-
-@dataclass
-class PrepareConfig:
-    out: str
-    dataset: Optional[str] = None
-    dataset_config: Optional[str] = None
-    split: str = "train"
-    files: Optional[List[str]] = None
-    text_field: str = "text"
-    max_docs: Optional[int] = None
-    max_bytes: Optional[int] = None  # default: STDLIB_MAX_BYTES for the embedded corpus, else no cap
-    val_fraction: float = 0.02
-    vocab_size: Optional[int] = None  # default: DEFAULT_VOCAB_SIZE, or the given tokenizer's
-    model_type: str = "bpe"
-    tokenizer: Optional[str] = None
-    tokenizer_sample_bytes: int = 32_000_000
-    num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    shard_tokens: int = 2**26
-    # --format sft (see sft_prepare.py): fixed-length prompt/response examples instead of token shards.
-    format: str = "pretrain"
-    seq_len: Optional[int] = None
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
-
-    def validate(self) -> None:
-        if self.dataset and self.files:
-            raise DataError("give either --dataset or --files, not both")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("max_docs", "max_bytes", "vocab_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise DataError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.shard_tokens <= 0 or self.tokenizer_sample_bytes <= 0:
-            raise DataError("--shard-tokens and --tokenizer-sample-bytes must be positive")
-        if self.model_type not in ("bpe", "unigram"):
-            raise DataError(f"--model-type must be bpe or unigram, got {self.model_type!r}")
-        if self.format not in ("pretrain", "sft"):
-            raise DataError(f"--format must be pretrain or sft, got {self.format!r}")
-        if self.format == "pretrain" and self.seq_len is not None:
-            raise DataError("--seq-len is for --format sft only: pretraining packs sequences at load time "
-                            "(set train.seq_len)")
-
-
-def is_val(position: int, identity: str, val_fraction: float) -> bool:
-    """Whether a document is held out: by a hash of its identity, so the split is stable
-    under reordering and growth of the corpus. The first document always goes to val so
-    that val is never empty, even for tiny corpora, without a second pass."""
-    if position == 0:
-        return True
-    digest = hashlib.sha256(identity.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
 
 
 def open_corpus(cfg: PrepareConfig, cache_dir: Path) -> Tuple[Corpus, Optional[int]]:
@@ -101,58 +43,6 @@ def open_corpus(cfg: PrepareConfig, cache_dir: Path) -> Tuple[Corpus, Optional[i
         return FilesCorpus(cfg.files, cfg.text_field, cache_dir=str(cache_dir)), cfg.max_bytes
     max_bytes = cfg.max_bytes if cfg.max_bytes is not None else STDLIB_MAX_BYTES
     return StdlibCorpus(), max_bytes
-
-
-def _tokenizer_sample(docs: Iterable[Document], cfg: PrepareConfig) -> List[str]:
-    """The first `tokenizer_sample_bytes` of train documents: never val text, so val
-    numbers are not flattered by a tokenizer fitted to them."""
-    texts: List[str] = []
-    size = 0
-    seen = 0
-    for position, doc in enumerate(docs):
-        seen += 1
-        if is_val(position, doc.identity, cfg.val_fraction):
-            continue
-        texts.append(doc.text)
-        size += len(doc.text.encode("utf-8"))
-        if size >= cfg.tokenizer_sample_bytes:
-            break
-    if not texts:
-        raise _no_train_docs(seen)
-    return texts
-
-
-def _no_train_docs(num_docs: int) -> DataError:
-    if num_docs < 2:
-        return DataError(
-            f"the corpus has {num_docs} usable document(s); at least 2 are needed (one goes to val)"
-        )
-    return DataError(f"all {num_docs} documents fell into val; lower --val-fraction")
-
-
-def _get_tokenizer(corpus_docs, cfg: PrepareConfig, dest: Path) -> TokenizerInfo:
-    if cfg.tokenizer:
-        shutil.copyfile(cfg.tokenizer, dest)
-        _, info = load_tokenizer(dest)
-        if cfg.vocab_size is not None and cfg.vocab_size != info.vocab_size:
-            raise DataError(
-                f"--vocab-size {cfg.vocab_size} disagrees with --tokenizer {cfg.tokenizer} "
-                f"(vocab_size={info.vocab_size}); drop --vocab-size"
-            )
-        logger.info("using tokenizer %s (vocab_size=%d, sha256 %s)", cfg.tokenizer, info.vocab_size, info.sha256)
-        return info
-    vocab_size = cfg.vocab_size or DEFAULT_VOCAB_SIZE
-    start = time.perf_counter()
-    texts = _tokenizer_sample(corpus_docs, cfg)
-    blob = train_tokenizer(texts, vocab_size, cfg.model_type, num_threads=os.cpu_count() or 1)
-    dest.write_bytes(blob)
-    _, info = load_tokenizer(dest)
-    logger.info(
-        "trained %s tokenizer vocab_size=%d on %d train documents (%.1f MB) in %.1fs",
-        cfg.model_type, vocab_size, len(texts), sum(len(t.encode("utf-8")) for t in texts) / 1e6,
-        time.perf_counter() - start,
-    )
-    return info
 
 
 def _chunks(docs: Iterable[Document], val_fraction: float) -> Iterator[Tuple[str, List[str]]]:
@@ -223,8 +113,6 @@ def prepare(cfg: PrepareConfig) -> Dict:
     """Run the whole preparation; returns the top-level meta (also written to OUT/meta.json)."""
     cfg.validate()
     if cfg.format == "sft":
-        from .sft_prepare import prepare_sft  # imported here: it builds on this module
-
         return prepare_sft(cfg)
     start = time.perf_counter()
     out = Path(cfg.out)
@@ -240,7 +128,7 @@ def prepare(cfg: PrepareConfig) -> Dict:
             source = corpus.documents(on_skip) if on_skip else corpus.documents()
             return capped(source, cfg.max_docs, max_bytes)
 
-        info = _get_tokenizer(docs(), cfg, work / TOKENIZER_FILE)
+        info = get_tokenizer(docs(), cfg, work / TOKENIZER_FILE)
 
         total = corpus.size_hint
         if total is not None and cfg.max_docs is not None:
@@ -256,7 +144,7 @@ def prepare(cfg: PrepareConfig) -> Dict:
             writers = _tokenize(docs(on_skip), cfg, info, work, bar)
         num_docs = sum(w.num_docs for w in writers.values())
         if writers["train"].num_docs == 0:
-            raise _no_train_docs(num_docs)
+            raise no_train_docs(num_docs)
 
         shared = {
             "vocab_size": info.vocab_size,
@@ -272,7 +160,7 @@ def prepare(cfg: PrepareConfig) -> Dict:
         # on OUT does not look prepared until the new meta.json lands.
         (out / META_FILE).unlink(missing_ok=True)
         for name in (*SPLITS, TOKENIZER_FILE):
-            _replace(work / name, out / name)
+            replace_path(work / name, out / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -296,11 +184,3 @@ def prepare(cfg: PrepareConfig) -> Dict:
         split_meta["val"]["num_tokens"], split_meta["val"]["num_docs"], time.perf_counter() - start,
     )
     return meta
-
-
-def _replace(src: Path, dst: Path) -> None:
-    if dst.is_dir() and not dst.is_symlink():
-        shutil.rmtree(dst)
-    elif dst.exists() or dst.is_symlink():
-        dst.unlink()
-    os.replace(src, dst)

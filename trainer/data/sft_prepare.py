@@ -35,7 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .corpus import Document
 from .errors import DataError
 from .meta import FORMAT_VERSION, META_FILE, write_json_atomic
-from .prepare import SPLITS, TOKENIZER_FILE, PrepareConfig, _get_tokenizer, _no_train_docs, _replace, is_val
+from .prepare_common import SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenizer, is_val, no_train_docs, replace_path
 from .sft_records import (
     TOKENIZER_CONFIG, DatasetRecords, JsonlRecords, SFTFields, SFTRecord, SimpleTemplate, render_all,
     resolve_tokenizer, template_for,
@@ -171,7 +171,7 @@ def prepare_sft(cfg: PrepareConfig) -> Dict:
     # A remote stream would be downloaded once more just to check it; there, errors surface while tokenizing.
     total = None if source.remote else _check_all(records())
     if total == 0:
-        raise _no_train_docs(0)
+        raise no_train_docs(0)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ def prepare_sft(cfg: PrepareConfig) -> Dict:
         # tokenizer), through pretraining's own sampling, so the split rule is the same.
         docs = (Document(r.identity, "".join(SimpleTemplate().render(r))) for r in records())
         tok_cfg = dataclasses.replace(cfg, tokenizer=str(token_file) if token_file else None)
-        info = _get_tokenizer(docs, tok_cfg, work / TOKENIZER_FILE)
+        info = get_tokenizer(docs, tok_cfg, work / TOKENIZER_FILE)
         tokenizer, _ = load_tokenizer(work / TOKENIZER_FILE)
         names = [TOKENIZER_FILE]
         if template.description["kind"] == "chat_template":
@@ -195,7 +195,7 @@ def prepare_sft(cfg: PrepareConfig) -> Dict:
             if builders["train"].dropped_too_long:
                 raise DataError(f"every train example is longer than --seq-len {cfg.seq_len} - 1 tokens "
                                 f"({builders['train'].dropped_too_long} dropped); raise --seq-len")
-            raise _no_train_docs(num_records)
+            raise no_train_docs(num_records)
         if builders["val"].num_examples == 0:
             logger.warning("the val split is empty (all its examples were too long); validation will fail")
         shared = {
@@ -213,7 +213,7 @@ def prepare_sft(cfg: PrepareConfig) -> Dict:
         (out / META_FILE).unlink(missing_ok=True)
         (out / TOKENIZER_CONFIG).unlink(missing_ok=True)  # a stale template must not outlive its data
         for name in (*SPLITS, *names):
-            _replace(work / name, out / name)
+            replace_path(work / name, out / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -10,6 +10,10 @@ says so):
                     its mean per bin (the low-mask-ratio bins learn fastest)
     capacity.png    the capacity schedules k(r) with their expected k
     moe.png         expert load CV and drop fraction per layer over training
+    tasks.png       generation-task exact match (eval/<task>/exact_match) over training
+and, when some runs were started by init.from, a table of drop fraction and load CV per layer:
+the other runs' last value against each started run's first and last value (before and after
+a router swap).
 """
 from __future__ import annotations
 
@@ -304,6 +308,58 @@ def fig_moe(runs: list, out: str) -> Optional[str]:
     return _finish(fig, axes, os.path.join(out, "moe.png"))
 
 
+def fig_tasks(runs: list, out: str) -> Optional[str]:
+    """Generation-task accuracy (eval/<task>/exact_match) over training, one panel per task."""
+    tasks = sorted({k for run in runs for k in run.keys("eval/") if k.endswith("/exact_match")})
+    if not tasks:
+        return None
+    fig, axes = _panels(len(tasks), sharey=True)
+    for ax, key in zip(axes, tasks):
+        for run, c in zip(runs, _colors(len(runs))):
+            t, v = run.series(key)
+            if len(t):
+                ax.plot(t, v, color=c, marker="o", label=run.label)
+        ax.set(title=f"{key.split('/')[1]}: held-out exact match", xlabel=TOKENS, ylabel="exact match (0 to 1)",
+               ylim=(-0.03, 1.03))
+        ax.xaxis.set_major_formatter(TOKENS_FMT)
+        ax.legend(fontsize=8, title="run", title_fontsize=8)
+    fig.suptitle("Generation-task accuracy over training")
+    return _finish(fig, axes, os.path.join(out, "tasks.png"))
+
+
+def swap_table(runs: list) -> list:
+    """Drop fraction and load CV per layer before and after a router swap: each run started by
+    init.from (a retrofit or a fine-tune) gives its first and last logged value, next to the
+    last logged value of the source runs among `runs` (those not started from another run).
+    Rows: {"metric", "layer", "<label> last" for sources, "<label> first/last" for the others}."""
+    started = [r for r in runs if r.cfg is not None and r.cfg.init.source]
+    sources = [r for r in runs if r not in started]
+    if not started:
+        return []
+    rows = []
+    for metric in ("drop_frac", "load_cv"):
+        keys = sorted({k for r in runs for k in r.keys(f"moe/{metric}/")})
+        for key in keys:
+            row = {"metric": metric, "layer": key.rsplit("/", 1)[1]}
+            for r in sources:
+                v = r.series(key)[1]
+                row[f"{r.label} last"] = float(v[-1]) if len(v) else None
+            for r in started:
+                v = r.series(key)[1]
+                row[f"{r.label} first"] = float(v[0]) if len(v) else None
+                row[f"{r.label} last"] = float(v[-1]) if len(v) else None
+            rows.append(row)
+    return rows
+
+
+def html_table(rows: list) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v if v is not None else "-"))
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 # ---- the page -----------------------------------------------------------------------------------
 CAPTIONS = {
     "loss.png": "Training and validation ELBO loss against tokens seen, every run on the same axes.",
@@ -313,6 +369,7 @@ CAPTIONS = {
     "capacity.png": "Expert-choice capacity schedules k(r) (solid) with their expected k under r ~ U(0, 1) "
                     "(dashed); token choice shown as its fixed top-k.",
     "moe.png": "Expert load coefficient of variation and dropped fraction, per MoE layer (thin) and averaged (bold).",
+    "tasks.png": "Held-out exact match of greedy generation (eval.tasks with mode: generate) over training.",
 }
 
 
@@ -341,6 +398,10 @@ def write_html(runs: list, figures: list, missing: list, out: str, window: int) 
     figs = "".join(f'<figure><img src="{os.path.basename(p)}" alt="{os.path.basename(p)}">'
                    f"<figcaption>{html.escape(CAPTIONS[os.path.basename(p)])}</figcaption></figure>" for p in figures)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in missing + [f"{r.label}: {n}" for r in runs for n in r.notes])
+    swap = swap_table(runs)
+    swap_html = ("<h2>Routing before and after the swap</h2><p>Per MoE layer: the source runs' last logged "
+                 "value against each run started by init.from at its first and last logged step.</p>"
+                 + html_table(swap)) if swap else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ecdlm report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1500px}} table{{border-collapse:collapse}}
@@ -349,6 +410,7 @@ figure{{margin:2em 0}} figcaption{{color:#444}}</style></head>
 <body><h1>ecdlm run report</h1>
 <table><tr>{head}</tr>{body}</table>
 {f"<ul>{notes}</ul>" if notes else ""}
+{swap_html}
 {figs}
 </body></html>
 """
@@ -364,7 +426,8 @@ def build_report(run_dirs: list, out: str, names: Optional[list] = None, window:
     runs = load_runs(run_dirs, names)
     makers = {"loss.png": lambda: fig_loss(runs, out), "loss_bins.png": lambda: fig_loss_bins(runs, out),
               "efficiency.png": lambda: fig_efficiency(runs, out, window),
-              "capacity.png": lambda: fig_capacity(runs, out), "moe.png": lambda: fig_moe(runs, out)}
+              "capacity.png": lambda: fig_capacity(runs, out), "moe.png": lambda: fig_moe(runs, out),
+              "tasks.png": lambda: fig_tasks(runs, out)}
     figures, skipped = [], []
     for name, make in makers.items():
         path = make()

@@ -83,10 +83,24 @@ def check_sizes(args, moe: dict) -> None:
                          f"use a multiple of {E // __import__('math').gcd(E, k)}")
 
 
-def gen_task_entry(heldout: str, every: int, n: int) -> str:
-    """The eval.tasks override: greedy generation of 8 tokens (5 digits, the leading space token,
-    end-of-text) on the held-out file."""
-    return f"[{{name: {TASK}, path: {heldout}, mode: generate, every: {every}, gen_length: 8, batch_size: {n}}}]"
+def decode_length(heldout: str, tokenizer_dir: str, seq_len: int) -> int:
+    """Tokens to generate: the rest of the training sequence after the longest held-out prompt.
+    The fine-tuned model only ever saw sequences of exactly seq_len (prompt, answer, end-of-text
+    fill); measured here, a model at train loss 3e-4 copies perfectly on a seq_len canvas and
+    gets 0% on a shorter one (it locates digits relative to the sequence's end too)."""
+    from evaluation.generation_tasks import load_generation_jsonl
+    from evaluation.loading import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    longest = max(len(tok.encode(it.prompt)) for it in load_generation_jsonl(heldout))
+    if longest >= seq_len:
+        raise SystemExit(f"error: --seq-len {seq_len} leaves no room to generate after a {longest}-token prompt")
+    return seq_len - longest
+
+
+def gen_task_entry(heldout: str, every: int, n: int, gen_length: int) -> str:
+    """The eval.tasks override: greedy generation (one denoising step per token) on the held-out file."""
+    return (f"[{{name: {TASK}, path: {heldout}, mode: generate, every: {every}, gen_length: {gen_length}, "
+            f"batch_size: {n}}}]")
 
 
 def series(run_dir: str, key: str) -> list:
@@ -128,7 +142,9 @@ def main(argv=None) -> int:
     paths = task.write_task(os.path.join(out, "task"), args.n_train, args.n_heldout, kind=TASK)
     sft_data = task.prepare_task(paths["train"], os.path.join(out, "task", "sft"), args.seq_len,
                                  os.path.join(os.path.abspath(args.data), "tokenizer.model"))
-    print(f"task: {args.n_train} training / {args.n_heldout} held-out examples in {sft_data}", flush=True)
+    gen_length = decode_length(paths["heldout"], sft_data, args.seq_len)
+    print(f"task: {args.n_train} training / {args.n_heldout} held-out examples in {sft_data}; "
+          f"{gen_length} tokens generated per prompt", flush=True)
 
     common = {"model.vocab_size": vocab, "train.log_every": 10, "train.save_every": 100000, "optim.warmup_steps": 10}
     t0 = time.time()
@@ -141,7 +157,7 @@ def main(argv=None) -> int:
     k = moe["k"]
     specs = {name: {**over, **common, "init.from": tc_dir, "data.path": sft_data, "train.seq_len": args.seq_len,
                     "train.max_steps": args.sft_steps, "train.eval_every": args.eval_every, "train.run_name": name,
-                    "eval.tasks": gen_task_entry(paths["heldout"], args.eval_every, args.n_heldout)}
+                    "eval.tasks": gen_task_entry(paths["heldout"], args.eval_every, args.n_heldout, gen_length)}
              for name, over in arms.arm_specs(k, args.k_max).items()}
     t0 = time.time()
     arm_dirs = arms.run_all(specs, out, args.timeout)
@@ -153,7 +169,7 @@ def main(argv=None) -> int:
     models, tok = {}, None
     for name, d in arm_dirs.items():
         models[name], _, tok = load_run(d, tokenizer_dir=sft_data)
-    decode = decode_comparison(models, tok, paths["heldout"], args.decode_prompts, gen_length=8, steps=8,
+    decode = decode_comparison(models, tok, paths["heldout"], args.decode_prompts, gen_length=gen_length, steps=gen_length,
                                warmup=args.decode_warmup, repeat=args.decode_repeat)
 
     report_dir = os.path.join(out, "report")
@@ -170,7 +186,7 @@ def main(argv=None) -> int:
     result = {"meta": {"args": vars(args), "machine": machine_info(torch.device("cpu"), torch.float32),
                        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                        "task": {"kind": TASK, "chance_exact_match": task.chance_exact_match(5, 5), **paths},
-                       "k": k, "k_max": args.k_max, "seconds": {"pretrain": pretrain_s, "fine_tune": sft_s,
+                       "k": k, "k_max": args.k_max, "gen_length": gen_length, "seconds": {"pretrain": pretrain_s, "fine_tune": sft_s,
                                                                  "total": time.time() - t_start},
                        "report": report_dir if rep.returncode == 0 else f"failed: {rep.stderr[-500:]}"},
               "tc_pretrain": {"run_dir": tc_dir, "final_val_loss": series(tc_dir, "val/loss")[-1][1],

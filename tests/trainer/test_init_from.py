@@ -11,24 +11,10 @@ from evaluation.loading import checkpoint_and_config, full_model_state
 from model import DiffusionTransformer
 from model.config import ConfigError
 from tests.distributed import run_distributed
-from tests.evaluation.conftest import start_run
+from tests.conftest import TC_BIAS   # the tc_run fixture (tests/conftest.py) is a run with these
 from tests.trainer.launch import launch, per_step, tiny_overrides
 from trainer.config import load_config
 from trainer.init_weights import load_initial_weights
-
-TC_BIAS = {"moe.router": "token_choice", "moe.capacity.schedule": "static", "moe.bias_update_rate": 0.01,
-           "moe.aux_loss_coef": 0.0}
-
-
-@pytest.fixture(scope="module")
-def tc_run(small_corpus, tmp_path_factory):
-    """A token-choice run with aux-loss-free balancing (non-zero expert biases), 24 steps."""
-    run_dir = tmp_path_factory.mktemp("tc") / "tc"
-    p = start_run(small_corpus, run_dir, **TC_BIAS)
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-6000:]
-    return run_dir
-
 
 def target_config(small_corpus, tmp_path, **extra):
     over = tiny_overrides(small_corpus, tmp_path / "new", **{"moe.router": "expert_choice", **extra})

@@ -30,9 +30,9 @@ import torch
 from benchmarks.common import format_table, machine_info, machine_line
 from benchmarks.gpu_setup import LAYER_SHAPES, SMOKE_LAYER_SHAPES, Budget
 
-PARTS = ("ceilings", "check", "layer", "step")
+PARTS = ("ceilings", "check", "layer", "step", "engine")
 # seconds a part needs on an H200 (estimates, with margin), to skip rather than be killed mid-way
-NEEDS_S = {"ceilings": 10, "check": 60, "layer": 90, "step": 150}
+NEEDS_S = {"ceilings": 10, "check": 60, "layer": 90, "step": 150, "engine": 150}
 
 
 def table_rows(results: dict) -> list[dict]:
@@ -62,6 +62,13 @@ def table_rows(results: dict) -> list[dict]:
                      "mem_gb": r["peak_mem_gb"], "syncs": syncs,
                      "note": f"flash: {'yes' if r['sdpa_flash'] else 'NO'}; counted syncs {r['counted_syncs_per_step']} "
                              f"({r['counted_syncs_in_moe_layers']} in {r['moe_layers']} MoE layers)"})
+    for r in results.get("engine") or []:
+        if "error" in r:
+            rows.append({"part": "engine", "case": r["config"], "note": r["error"][:60]})
+            continue
+        rows.append({"part": "engine", "case": f"{r['config']} B={r['B']} L={r['L']}", "ms": r["ms"],
+                     "tflop_per_s": r["tflop_per_s"], "mfu": r["mfu_datasheet"], "tokens_per_s": r["tokens_per_s"],
+                     "mem_gb": r["peak_mem_gb"], "note": f"DeepSpeed ZeRO-{r['zero_stage']}, {r['precision']}"})
     for part, why in (results.get("skipped") or {}).items():
         rows.append({"part": part, "case": "skipped", "note": why})
     return rows
@@ -79,10 +86,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="JSON goes here ($OUT, else bench_out/)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (parts past it are skipped)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    p.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed's layer out even where it imports")
+    p.add_argument("--no-deepspeed", action="store_true",
+                   help="leave DeepSpeed's layer and engine step out even where it imports")
+    p.add_argument("--smoke-deepspeed", action="store_true",
+                   help="with --cpu-smoke: run the DeepSpeed engine step too (toy shapes, gloo)")
     args = p.parse_args(argv)
 
-    from benchmarks import gpu_check, gpu_layer, gpu_step
+    from benchmarks import gpu_check, gpu_engine, gpu_layer, gpu_step
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --cpu-smoke for the CPU check of this script", file=sys.stderr)
@@ -97,22 +107,28 @@ def main(argv=None) -> int:
     meta = {**machine_info(device, dtype), "cpu_smoke": smoke, "shapes": shapes}
     print(machine_line(meta), flush=True)
     results: dict = {"skipped": {}}
-    with_ds = gpu_layer.deepspeed_importable() and not args.no_deepspeed and not smoke
-    if smoke:   # importing DeepSpeed and its layer's first call cost minutes on a small CPU
-        results["skipped"]["deepspeed"] = "left out of --cpu-smoke (benchmarks/moe_layer.py times it on CPUs)"
-    elif not with_ds:
+    importable = gpu_layer.deepspeed_importable() and not args.no_deepspeed
+    with_ds = importable and not smoke   # DeepSpeed's layer: its first call costs minutes on a small CPU
+    with_engine = importable and (not smoke or args.smoke_deepspeed)
+    if not importable:
         results["skipped"]["deepspeed"] = "DeepSpeed does not import here: its layer and engine step left out"
-    else:   # the layer table gets DeepSpeed's MoE; its engine step is not part of this script yet
-        results["skipped"]["deepspeed engine step"] = "not implemented in this script"
+    elif smoke:
+        results["skipped"]["deepspeed layer"] = "left out of --cpu-smoke (benchmarks/moe_layer.py times it on CPUs)"
     runners = {
         "ceilings": lambda: gpu_step.ceilings(device, dtype, smoke),
         "check": lambda: gpu_check.run(shapes, device, dtype),
         "layer": lambda: gpu_layer.run(shapes, device, dtype, warmup, repeat, with_ds),
         "step": lambda: gpu_step.run(device, dtype, 2 if not smoke else 1, 5 if not smoke else 2, smoke,
                                      results.get("ceilings") or {}),
+        "engine": lambda: gpu_engine.run(device, 2 if not smoke else 1, 5 if not smoke else 2, smoke,
+                                         results.get("ceilings") or {}),
     }
     for part in PARTS:
         if part not in args.parts:
+            continue
+        if part == "engine" and not with_engine:
+            results["skipped"].setdefault("engine", "DeepSpeed left out (see above)" if importable
+                                          else "DeepSpeed does not import here")
             continue
         if not smoke and budget.left() < NEEDS_S[part]:
             results["skipped"][part] = f"{budget.left():.0f} s left of the budget, {NEEDS_S[part]} s needed"

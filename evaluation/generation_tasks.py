@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from .inference import expert_parallel
-from .multiple_choice import dist_info
+from .multiple_choice import dist_info, rank_share
 from .sample import SampleConfig, generate, truncate_at_stops
 
 
@@ -149,10 +149,7 @@ def evaluate_generation(model, tok, items: Sequence[GenItem], task, rank: Option
     rank, world = dist_info(rank, world)
     was_training = model.training
     model.eval()
-    per_rank = -(-len(items) // world)
-    idx = list(range(rank, len(items), world))
-    real = len(idx)
-    idx += [0] * (per_rank - real)   # repeats keep the generate calls equal across ranks
+    idx, real = rank_share(len(items), rank, world)
     shape_row = None
     if expert_parallel(model):   # every rank sees every item, so all agree on the longest prompt
         shape_row = max((prompt_ids(model, tok, it, task.gen_length) for it in items), key=len)

@@ -160,6 +160,14 @@ def dist_info(rank: Optional[int], world: Optional[int]) -> tuple:
     return 0, 1
 
 
+def rank_share(n: int, rank: int, world: int) -> tuple[list, int]:
+    """(indices of this rank's items, how many are real): items rank, rank + world, ..., padded
+    with repeats of item 0 so every rank runs the same number of forwards (collectives inside)."""
+    idx = list(range(rank, n, world))
+    real = len(idx)
+    return idx + [0] * (-(-n // world) - real), real
+
+
 def evaluate_mc(model, tok, items: Sequence[MCItem], mode: str = "likelihood", mc_num: int = 32,
                 batch_size: int = 32, seed: int = 0, rank: Optional[int] = None,
                 world: Optional[int] = None) -> dict:
@@ -169,10 +177,7 @@ def evaluate_mc(model, tok, items: Sequence[MCItem], mode: str = "likelihood", m
     rank, world = dist_info(rank, world)
     was_training = model.training
     model.eval()
-    per_rank = -(-len(items) // world)
-    idx = list(range(rank, len(items), world))
-    real = len(idx)
-    idx += [0] * (per_rank - real)   # repeats keep the forward count equal across ranks
+    idx, real = rank_share(len(items), rank, world)
     mine = [items[i] for i in idx]
     correct = torch.zeros(3, dtype=torch.float64)   # acc, acc_norm, n
     shape = fixed_shape(model, tok, items, mode, mc_num, batch_size)
@@ -187,7 +192,7 @@ def evaluate_mc(model, tok, items: Sequence[MCItem], mode: str = "likelihood", m
                 correct += torch.tensor([max(range(len(s)), key=s.__getitem__) == it.answer,
                                          max(range(len(s)), key=norm.__getitem__) == it.answer, 1.0])
     else:
-        for i in range(0, per_rank, batch_size):
+        for i in range(0, len(idx), batch_size):
             preds = single_mask_predictions(model, tok, mine[i:i + batch_size], shape)
             for j, p in enumerate(preds):
                 if i + j < real:

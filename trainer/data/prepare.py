@@ -18,8 +18,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .corpus import Corpus, Document, FilesCorpus, HubCorpus, StdlibCorpus, capped
 from .meta import FORMAT_VERSION, META_FILE, write_json_atomic
-from .prepare_common import (SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenizer, is_val,
-                             no_train_docs, replace_path)
+from .prepare_common import (SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenizer, is_val, no_train_docs,
+                             replace_path, vocabulary_meta)
 from .sft_prepare import prepare_sft
 from .shards import ShardWriter
 from .tokenizer import TokenizerInfo, encode_chunk, init_worker, token_dtype
@@ -146,15 +146,8 @@ def prepare(cfg: PrepareConfig) -> Dict:
         if writers["train"].num_docs == 0:
             raise no_train_docs(num_docs)
 
-        shared = {
-            "vocab_size": info.vocab_size,
-            "pad_id": info.pad_id,
-            "unk_id": info.unk_id,
-            "eod_id": info.eod_id,
-            "mask_id": info.mask_id,
-            "tokenizer_sha256": info.sha256,
-            "source": {**corpus.source, "max_docs": cfg.max_docs, "max_bytes": max_bytes},
-        }
+        shared = {**vocabulary_meta(info),
+                  "source": {**corpus.source, "max_docs": cfg.max_docs, "max_bytes": max_bytes}}
         split_meta = {s: w.close(shared) for s, w in writers.items()}
         # Until here a failed run leaves an earlier complete output untouched; from here
         # on OUT does not look prepared until the new meta.json lands.

@@ -134,3 +134,9 @@ def replace_path(src: Path, dst: Path) -> None:
     elif dst.exists() or dst.is_symlink():
         dst.unlink()
     os.replace(src, dst)
+
+
+def vocabulary_meta(info: TokenizerInfo) -> dict:
+    """The tokenizer's fields every meta.json carries (what check_vocab compares with the model)."""
+    return {"vocab_size": info.vocab_size, "pad_id": info.pad_id, "unk_id": info.unk_id, "eod_id": info.eod_id,
+            "mask_id": info.mask_id, "tokenizer_sha256": info.sha256}

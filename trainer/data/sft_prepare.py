@@ -35,7 +35,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .corpus import Document
 from .errors import DataError
 from .meta import FORMAT_VERSION, META_FILE, write_json_atomic
-from .prepare_common import SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenizer, is_val, no_train_docs, replace_path
+from .prepare_common import (SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenizer, is_val, no_train_docs,
+                             replace_path, vocabulary_meta)
 from .sft_records import (
     TOKENIZER_CONFIG, DatasetRecords, JsonlRecords, SFTFields, SFTRecord, SimpleTemplate, render_all,
     resolve_tokenizer, template_for,
@@ -198,15 +199,7 @@ def prepare_sft(cfg: PrepareConfig) -> Dict:
             raise no_train_docs(num_records)
         if builders["val"].num_examples == 0:
             logger.warning("the val split is empty (all its examples were too long); validation will fail")
-        shared = {
-            "vocab_size": info.vocab_size,
-            "pad_id": info.pad_id,
-            "unk_id": info.unk_id,
-            "eod_id": info.eod_id,
-            "mask_id": info.mask_id,
-            "tokenizer_sha256": info.sha256,
-            "source": {**source.source, "max_docs": cfg.max_docs},
-        }
+        shared = {**vocabulary_meta(info), "source": {**source.source, "max_docs": cfg.max_docs}}
         split_meta = {s: b.write(work / s, s, shared) for s, b in builders.items()}
         # Until here a failed run leaves an earlier complete output untouched; from here
         # on OUT does not look prepared until the new meta.json lands.

@@ -46,10 +46,10 @@ class _SwiGLU(torch.autograd.Function):
         return _swiglu_backward(grad, h, s, gate, ctx.needs_input_grad[1])
 
 
-def _swiglu_forward(h, gate):
-    """(silu(h1) * h2 [* gate], silu(h1))."""
+def _swiglu_forward(h, gate, s_out=None):
+    """(silu(h1) * h2 [* gate], silu(h1)); silu(h1) written into s_out if given."""
     h1, h2 = h.chunk(2, dim=-1)
-    s = F.silu(h1)
+    s = F.silu(h1) if s_out is None else torch.ops.aten.silu.out(h1, out=s_out)
     out = s * h2
     if gate is not None:
         out.mul_(gate.to(out.dtype).unsqueeze(-1))
@@ -79,49 +79,59 @@ class _LocalFixedExperts(torch.autograd.Function):
     """gather -> x @ w_in -> gated SwiGLU -> @ w_out -> scatter-add, as one autograd node.
 
     The same math as LocalDispatcher.dispatch + Experts.forward_fixed + combine, for the common
-    case (every expert on this process, the same C rows each). Why one node: the tensors that
-    live only inside this forward or backward (expert outputs, output-gradient rows, dL/da,
-    dL/dh, dL/dx rows) can be made one group of experts at a time, small, and reused. On a CPU,
-    glibc mmaps every fresh block of 32 MB or more and unmaps it when freed, so each such tensor
-    is page-faulted in anew, at ~0.25 ms per MB on our test machine: more than a pass over the
-    data costs. Small blocks come from the heap and are reused. Together with the reused
-    gradient rows this cut the layer's time by 15% at B=8 and 12% at B=32 on a 2-core CPU
-    (benchmarks/README.md). On a GPU the caching allocator makes fresh tensors free, so there
-    it is one group.
+    case (every expert on this process, the same C rows each). Why one node: only h = x @ w_in
+    and s = silu(h1) are kept for the backward, the two tensors the floor (a dense SwiGLU of the
+    same width) keeps too. The gathered rows, the expert outputs, the activation a = s * h2 * g,
+    the output-gradient rows, dL/da, dL/dh and the dL/dx rows are made one group of experts at a
+    time, small, and reused: the backward gathers its group's input rows again and recomputes a
+    from s, h2 and g (one cheap pass each) instead of keeping [E, C, D] and [E, C, H] copies.
+    That halves the layer's saved activations, and on a CPU it avoids page faults: glibc mmaps
+    every fresh block of 32 MB or more and unmaps it when freed, so each such tensor is
+    page-faulted in anew, at ~0.25 ms per MB on our test machine, more than a pass over the data
+    costs; small blocks come from the heap and are reused (benchmarks/README.md). On a GPU the
+    caching allocator makes fresh tensors free, so there it is one group.
     """
 
     @staticmethod
     def forward(ctx, x_TD, idx_EC, gate_EC, w_in_EDF, w_out_EHD):
-        (E, C), D = idx_EC.shape, x_TD.shape[-1]
-        x_ECD = x_TD.index_select(0, idx_EC.reshape(-1)).view(E, C, D)            # dispatch
-        h_ECF = torch.bmm(x_ECD, w_in_EDF)
-        a_ECH, s_ECH = _swiglu_forward(h_ECF, gate_EC)
+        (E, C), (D, F2) = idx_EC.shape, w_in_EDF.shape[1:]
+        h_ECF = x_TD.new_empty(E, C, F2)
+        s_ECH = x_TD.new_empty(E, C, F2 // 2)
         out_TD = x_TD.new_zeros(x_TD.shape)
-        for g in _expert_groups(x_ECD, h_ECF):
-            y_gCD = torch.bmm(a_ECH[g], w_out_EHD[g])
-            out_TD.index_add_(0, idx_EC[g].reshape(-1), y_gCD.view(-1, D))      # combine
-        ctx.save_for_backward(x_ECD, h_ECF, s_ECH, a_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD)
+        for g in _expert_groups(E, C, max(D, F2), x_TD):
+            idx = idx_EC[g].reshape(-1)
+            x_gCD = x_TD.index_select(0, idx).view(-1, C, D)                        # dispatch
+            torch.bmm(x_gCD, w_in_EDF[g], out=h_ECF[g])
+            a_gCH = _swiglu_forward(h_ECF[g], gate_EC[g] if gate_EC is not None else None, s_out=s_ECH[g])[0]
+            out_TD.index_add_(0, idx, torch.bmm(a_gCH, w_out_EHD[g]).view(-1, D))    # combine
+        ctx.save_for_backward(x_TD, h_ECF, s_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD)
         return out_TD
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_TD):
-        x_ECD, h_ECF, s_ECH, a_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD = ctx.saved_tensors
+        x_TD, h_ECF, s_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD = ctx.saved_tensors
         need_gate = ctx.needs_input_grad[2]
+        (E, C), D = idx_EC.shape, x_TD.shape[-1]
         grad_x = grad_TD.new_zeros(grad_TD.shape)
         grad_w_in, grad_w_out = torch.empty_like(w_in_EDF), torch.empty_like(w_out_EHD)
-        grad_gate = torch.empty_like(gate_EC) if need_gate else None
-        for g in _expert_groups(x_ECD, h_ECF):
+        grad_gate = torch.empty_like(gate_EC) if need_gate and gate_EC is not None else None
+        for g in _expert_groups(E, C, max(D, h_ECF.shape[-1]), x_TD):
             idx = idx_EC[g].reshape(-1)
-            rows_gCD = grad_TD.index_select(0, idx).view(-1, *x_ECD.shape[1:])       # dL/dy
-            torch.bmm(a_ECH[g].transpose(1, 2), rows_gCD, out=grad_w_out[g])
-            grad_a = torch.bmm(rows_gCD, w_out_EHD[g].transpose(1, 2))
-            grad_h, grad_gate_g = _swiglu_backward(grad_a, h_ECF[g], s_ECH[g], gate_EC[g], need_gate)
-            if need_gate:
+            h_gCF, s_gCH, gate_gC = h_ECF[g], s_ECH[g], (gate_EC[g] if gate_EC is not None else None)
+            rows_gCD = grad_TD.index_select(0, idx).view(-1, C, D)                    # dL/dy
+            a_gCH = torch.mul(s_gCH, h_gCF.chunk(2, dim=-1)[1])                         # recomputed
+            if gate_gC is not None:
+                a_gCH.mul_(gate_gC.to(a_gCH.dtype).unsqueeze(-1))
+            torch.bmm(a_gCH.transpose(1, 2), rows_gCD, out=grad_w_out[g])
+            grad_a = torch.bmm(rows_gCD, w_out_EHD[g].transpose(1, 2), out=a_gCH)     # a is spent
+            grad_h, grad_gate_g = _swiglu_backward(grad_a, h_gCF, s_gCH, gate_gC, need_gate)
+            if grad_gate is not None:
                 grad_gate[g] = grad_gate_g
-            torch.bmm(x_ECD[g].transpose(1, 2), grad_h, out=grad_w_in[g])
-            torch.bmm(grad_h, w_in_EDF[g].transpose(1, 2), out=rows_gCD)          # dL/dx rows, reusing dL/dy's
-            grad_x.index_add_(0, idx, rows_gCD.view(-1, rows_gCD.shape[-1]))
+            x_gCD = torch.index_select(x_TD, 0, idx, out=rows_gCD.view(-1, D)).view(-1, C, D)  # gathered again
+            torch.bmm(x_gCD.transpose(1, 2), grad_h, out=grad_w_in[g])
+            torch.bmm(grad_h, w_in_EDF[g].transpose(1, 2), out=rows_gCD)              # dL/dx rows
+            grad_x.index_add_(0, idx, rows_gCD.view(-1, D))
         return grad_x, None, grad_gate, grad_w_in, grad_w_out
 
 
@@ -132,12 +142,12 @@ class _LocalFixedExperts(torch.autograd.Function):
 _GROUP_BYTES = 4 << 20
 
 
-def _expert_groups(x_ECD: torch.Tensor, h_ECF: torch.Tensor) -> list:
-    """Slices of experts whose per-group temporaries stay under _GROUP_BYTES (one on a GPU)."""
-    E = x_ECD.shape[0]
-    if x_ECD.device.type != "cpu" or not _GROUP_BYTES:
+def _expert_groups(E: int, C: int, width: int, like: torch.Tensor) -> list:
+    """Slices of the E experts whose per-group temporaries ([g, C, width]) stay under
+    _GROUP_BYTES (one group on a GPU)."""
+    if like.device.type != "cpu" or not _GROUP_BYTES:
         return [slice(0, E)]
-    per_expert = max(x_ECD[0].numel(), h_ECF[0].numel()) * x_ECD.element_size()
+    per_expert = C * width * like.element_size()
     size = max(1, min(E, _GROUP_BYTES // max(per_expert, 1)))
     return [slice(i, min(i + size, E)) for i in range(0, E, size)]
 

@@ -16,6 +16,12 @@ VARIANTS = {
                        "capacity": {"schedule": "cosine_reverse", "k_min": 1, "k_max": 3}},
     "tc_capacity": {"router": "token_choice", "capacity_factor": 1.0},
     "tc_dropless": {"router": "token_choice", "aux_loss_coef": 0.01},
+    # k > ep: a rank's experts take more slots than it has tokens, so each token is sent once
+    # per rank (AllToAllDispatcher.sends_tokens_once), with and without equal capacities
+    "ec_static_k3": {"router": "expert_choice", "k": 3},
+    "ec_dynamic_k3": {"router": "expert_choice", "k": 3,
+                      "capacity": {"schedule": "linear_reverse", "k_min": 2, "k_max": 4}},
+    "tc_capacity_k3": {"router": "token_choice", "capacity_factor": 1.0, "k": 3},
 }
 
 
@@ -39,6 +45,21 @@ def make_layer(variant, ep_group=None):
 def test_gradcheck_float64(variant):
     """Gradients w.r.t. the input and every parameter (router, experts, shared) by finite
     differences; routing is locally constant, so small perturbations do not change it."""
+    gradcheck_layer(variant)
+
+
+@pytest.mark.parametrize("variant", ["ec_static", "ec_dynamic", "tc_capacity"])
+def test_gradcheck_fused_path_one_expert_per_group(variant, monkeypatch):
+    """On the CPU the fused local path (gather, experts, scatter in one node) makes its
+    temporaries one group of experts at a time and gathers each group's rows again in the
+    backward; with a 1-byte budget every expert is its own group, so every boundary is crossed."""
+    from model.moe import experts
+    monkeypatch.setattr(experts, "_GROUP_BYTES", 1)
+    assert len(experts._expert_groups(4, 3, 16, torch.zeros(1))) == 4
+    gradcheck_layer(variant)
+
+
+def gradcheck_layer(variant):
     layer = make_layer(variant).double()
     x = torch.randn(2, 8, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
     r = torch.tensor([0.2, 0.8])

@@ -37,6 +37,14 @@ class FixedExchange:
 
 
 @dataclass
+class TokenExchange:
+    """What combine() needs to undo a once-per-rank dispatch: every received slot's row in the
+    [ep * T, D] block of all sources' tokens, and T."""
+    row_of_slot: torch.Tensor
+    num_tokens: int
+
+
+@dataclass
 class RaggedExchange:
     """What combine() needs to undo a ragged (TC dropless) dispatch: the rows sent to and received
     from each rank, and the permutation that grouped the received rows by local expert."""
@@ -50,7 +58,7 @@ class ExpertBatch:
     """Rows for this rank's experts: x is [El, C, D] (fixed capacity) or [N, D] with counts [El]."""
     x: torch.Tensor
     counts: Optional[torch.Tensor] = None
-    ctx: Union[FixedExchange, RaggedExchange, None] = None   # None: a one-process dispatch
+    ctx: Union[FixedExchange, TokenExchange, RaggedExchange, None] = None   # None: a one-process dispatch
     gate: Optional[torch.Tensor] = None   # [El, C] or [N]: gates not yet applied to the rows
     overlapped: Any = None   # what dispatch()'s `meanwhile` returned
 
@@ -201,9 +209,11 @@ class AllToAllDispatcher:
         """`meanwhile` (e.g. the shared expert) runs while the rows are in flight."""
         if not routing.fixed:
             return self._dispatch_ragged(x_TD, routing, meanwhile)
+        caps = self._capacities(routing.token_idx.shape[1], routing.capacity_static, x_TD.device)
+        if self.sends_tokens_once(caps, routing.num_tokens):
+            return self._dispatch_tokens(x_TD, routing, caps, meanwhile)
         x_ECD = gather_tokens(x_TD, routing)                               # [E, C, D]
         El, (E, C, D) = self.num_local, x_ECD.shape
-        caps = self._capacities(C, routing.capacity_static, x_TD.device)
         recv, side = all_to_all_overlapped(x_ECD.reshape(E * C, D), [El * c for c in caps], [El * C] * self.ep,
                                            self.group, meanwhile)
         return ExpertBatch(self._expert_major(recv, caps, D), ctx=FixedExchange(C, caps), overlapped=side)   # gates stay here
@@ -225,9 +235,49 @@ class AllToAllDispatcher:
             return rows.view(El, self.ep, caps[0], D).transpose(0, 1).reshape(-1, D)
         return torch.cat([part.reshape(-1, D) for part in torch.split(rows, caps, dim=1)])
 
+    # -- each token once per destination rank (fixed capacity, El * C > T) --------------------
+    def sends_tokens_once(self, caps: list, num_tokens: int) -> bool:
+        """Whether to send every token once to every rank instead of one row per slot: fewer
+        bytes when a rank's experts take more slots than there are tokens (El * C > T, i.e.
+        k > ep on average), as with fine-grained experts (k = 8 at ep = 2: 4x fewer). Decided
+        from every rank's capacity (and T, equal on all ranks), so every rank agrees, and every
+        buffer size stays known in advance."""
+        return self.num_local * sum(caps) > self.ep * num_tokens
+
+    def _dispatch_tokens(self, x_TD: torch.Tensor, routing: Routing, caps: list,
+                         meanwhile: Optional[Callable]) -> ExpertBatch:
+        """All of this rank's T tokens go to every rank (T rows per pair, where the slot path
+        sends El * C), with each slot's token index and gate for that rank's experts (small).
+        The destination gathers its experts' rows from the block of all sources' tokens; combine
+        sums each token's gated expert outputs there and sends back one row per token."""
+        T, D = x_TD.shape
+        El, ep, (E, C) = self.num_local, self.ep, routing.token_idx.shape
+        x_all, side = all_to_all_overlapped(x_TD.expand(ep, T, D).reshape(ep * T, D), [T] * ep, [T] * ep,
+                                            self.group, meanwhile)            # [ep * T, D]: source-major
+        out_splits, in_splits = [El * c for c in caps], [El * C] * ep
+        idx = torch.empty(sum(out_splits), dtype=routing.token_idx.dtype, device=x_TD.device)
+        dist.all_to_all_single(idx, routing.token_idx.reshape(-1), out_splits, in_splits, group=self.group)
+        gate = all_to_all(routing.gate.reshape(-1), out_splits, in_splits, self.group)
+        # source p's slots point at its tokens, rows p*T.. of x_all
+        offset = torch.cat([torch.full((n,), p * T, dtype=idx.dtype, device=idx.device)
+                            for p, n in enumerate(out_splits)])
+        row_of_slot = self._expert_major((idx + offset).unsqueeze(-1), caps, 1).squeeze(-1)   # [El, sum_p C_p]
+        gate_EC = self._expert_major(gate.unsqueeze(-1), caps, 1).squeeze(-1)
+        x_ECD = x_all.index_select(0, row_of_slot.reshape(-1)).view(*row_of_slot.shape, D)
+        return ExpertBatch(x_ECD, ctx=TokenExchange(row_of_slot, T), gate=gate_EC, overlapped=side)
+
+    def _combine_tokens(self, y: ExpertBatch) -> torch.Tensor:
+        row_of_slot, T = y.ctx.row_of_slot, y.ctx.num_tokens
+        D = y.x.shape[-1]
+        sums = y.x.new_zeros(self.ep * T, D).index_add_(0, row_of_slot.reshape(-1), gated_rows(y).reshape(-1, D))
+        back = all_to_all(sums, [T] * self.ep, [T] * self.ep, self.group)      # every rank's sums for my tokens
+        return back.view(self.ep, T, D).sum(0)
+
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         if not routing.fixed:
             return self._combine_ragged(y, routing)
+        if isinstance(y.ctx, TokenExchange):
+            return self._combine_tokens(y)
         C, caps, (El, _, D) = y.ctx.capacity, y.ctx.source_capacities, y.x.shape
         back = self._source_major(gated_rows(y), caps)
         y_ECD = all_to_all(back, [El * C] * self.ep, [El * c for c in caps], self.group)

@@ -14,6 +14,14 @@ FLOPs are counted from the capacity actually used: the slots each layer computes
 TC with capacity: E*C padded slots; dropless: the T*k rows), 6*D*h_e per slot forward and
 twice that backward, plus the router. DeepSpeed's one-hot dispatch/combine einsums are
 reported separately (`overhead_gflop`): they are work, but not work an MoE layer needs.
+
+The floor EC is held to (`ratio_to_floor`) is the dense SwiGLU's time plus the fewest bytes the EC
+path must move: every assignment's row gathered once and scattered back once, in the forward and
+again in the backward (dL/dy rows gathered, dL/dx rows scattered). That movement is timed in the
+same rounds as the layers (`movement`: index_select of EC's own routing indices into a warm
+buffer, then index_add_ back, twice), so floor = dense + movement, both measured here.
+`--profile` adds the profiler's hottest operators of EC and dense, and their self time per step
+by kind (matmul, gather/scatter, elementwise, memory, other): where the time over the floor goes.
 """
 from __future__ import annotations
 
@@ -29,12 +37,22 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from benchmarks.common import (available_memory, format_table, free_port, machine_info, machine_line, median_ms,
-                               pick_device, time_interleaved, wait_for_idle, write_json)
+                               pick_device, profiled_steps, time_interleaved, wait_for_idle, write_json)
 from model import ModelConfig, from_dict
 from model.moe import MoELayer, SwiGLU
 from model.moe.experts import swiglu
 
 IMPLS = ("ec", "tc_cf1", "tc_dropless", "deepspeed", "dense")
+
+# Operator kinds for the profile's per-step breakdown (matched against aten names, first wins).
+OP_KINDS = (("matmul", ("mm", "bmm", "addmm", "matmul", "linear", "_grouped_mm", "einsum")),
+            ("gather/scatter", ("index_select", "index_add", "index_copy", "gather", "scatter", "index",
+                                "take_along_dim")),
+            ("routing", ("topk", "sort", "argsort", "softmax", "_softmax", "logsumexp", "cumsum")),
+            ("memory", ("empty", "zeros", "new_zeros", "zero_", "fill_", "copy_", "clone", "contiguous",
+                        "to", "_to_copy", "empty_like", "new_empty", "resize_")),
+            ("elementwise", ("mul", "mul_", "add", "add_", "silu", "silu_backward", "sigmoid", "div", "sum",
+                             "neg", "exp", "sub", "where", "mean", "pow", "rsqrt", "sqrt", "clamp")))
 
 
 class SwiGLUExpert(nn.Module):
@@ -118,6 +136,49 @@ def slots_computed(model, kind: str, x) -> int:
     return routing.token_idx.numel()
 
 
+def movement_step(model: MoELayer, x):
+    """The EC floor's data movement, as one step: each assignment's row gathered (index_select
+    into a warm buffer) and scattered back (index_add_ into a warm [T, D]), forward and backward
+    alike, with the EC layer's own routing indices (its real access pattern)."""
+    with torch.no_grad():
+        x_TD = x.detach().reshape(-1, x.shape[-1])
+        logits = torch.nn.functional.linear(x.detach().float(), model.router.weight.float())
+        idx = model.route(logits, None, None)[0].token_idx.reshape(-1)
+    rows = x_TD.new_empty(idx.numel(), x_TD.shape[-1])
+    out = torch.empty_like(x_TD)
+
+    def step():
+        for _ in range(2):   # forward, then backward
+            torch.index_select(x_TD, 0, idx, out=rows)
+            out.zero_().index_add_(0, idx, rows)
+    return step, 2 * 2 * 2 * rows.numel() * rows.element_size()   # 2 passes x (gather + scatter) x (read + write)
+
+
+def op_kind(name: str) -> str:
+    op = name.split("::")[-1]
+    for kind, names in OP_KINDS:
+        if op in names:
+            return kind
+    return "other"
+
+
+def profile_impls(steps: dict, impls, max_foreign: float, row_limit: int) -> dict:
+    """{impl: {"table": text, "by_kind_ms": {kind: self ms per step}}} from the profiler."""
+    out = {}
+    for name in impls:
+        prof, calls, cores = profiled_steps(steps[name], max_foreign)
+        kinds: dict = {}
+        for ev in prof.key_averages():
+            if ev.self_cpu_time_total > 0:
+                k = op_kind(ev.key)
+                kinds[k] = kinds.get(k, 0.0) + ev.self_cpu_time_total / 1e3 / calls
+        out[name] = {"table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit,
+                                                         max_name_column_width=40),
+                     "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+                     "foreign_cores": cores}
+    return out
+
+
 def run_batch(args, batch: int, device, dtype) -> list[dict]:
     D, H, E, k = args.d_model, args.hidden, args.experts, args.k
     T = batch * args.seq
@@ -136,6 +197,8 @@ def run_batch(args, batch: int, device, dtype) -> list[dict]:
         torch.manual_seed(0)
         model, kind = builders[name]()
         model = model.to(device, dtype)
+        if name == "ec":
+            ec_model = model
         chunks = deepspeed_chunks(args, batch, device) if kind == "deepspeed" else 1
         steps[name] = make_step(model, kind, x, g, chunks)
         slots = T * k if kind == "dense" else slots_computed(model, kind, x[: batch // chunks]) * chunks
@@ -146,6 +209,8 @@ def run_batch(args, batch: int, device, dtype) -> list[dict]:
                       # grad and both combine grads backward, 2*S*E*C*D each per micro-batch
                       "overhead_gflop": 5 * 2 * slots * T * D / chunks / 1e9 if kind == "deepspeed" else 0.0}
 
+    if "ec" in steps and "dense" in steps:
+        steps["movement"], moved_bytes = movement_step(ec_model, x)
     times, loads, discarded = time_interleaved(steps, args.warmup, args.repeat, device)
     rows = []
     for name in args.impls:
@@ -155,9 +220,22 @@ def run_batch(args, batch: int, device, dtype) -> list[dict]:
                      "gflop_per_s": info[name]["gflop"] / ms * 1e3,
                      "foreign_cores_max": max(loads), "rounds_discarded": discarded})
     ref = {r["impl"]: r["ms"] for r in rows}
+    floor = None
+    if "movement" in steps:
+        move_ms = median_ms(times["movement"])
+        floor = ref["dense"] + move_ms
+        rows.append({"impl": "floor (dense + movement)", "batch": batch, "ms": floor, "movement_ms": move_ms,
+                     "moved_bytes": moved_bytes, "movement_gb_per_s": moved_bytes / move_ms / 1e6,
+                     "times_ms": [t * 1e3 for t in times["movement"]]})
     for r in rows:
         r["ratio_to_dense"] = r["ms"] / ref["dense"] if "dense" in ref else None
+        r["ratio_to_floor"] = r["ms"] / floor if floor else None
         r["ratio_to_deepspeed"] = r["ms"] / ref["deepspeed"] if "deepspeed" in ref else None
+    if args.profile:
+        prof = profile_impls(steps, [n for n in ("ec", "dense") if n in steps], 0.25, args.profile_ops)
+        for r in rows:
+            if r["impl"] in prof:
+                r["profile"] = prof[r["impl"]]
     return rows
 
 
@@ -175,6 +253,9 @@ def main(argv=None) -> None:
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="first wait up to S seconds for other processes to leave the CPU")
     p.add_argument("--json", help="write rows {impl, batch, ms, ratio_to_dense, ...} here")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile EC and dense: hottest operators and self time per step by kind")
+    p.add_argument("--profile-ops", type=int, default=20, help="rows of the profile tables")
     args = p.parse_args(argv)
 
     device, dtype = pick_device()
@@ -189,15 +270,23 @@ def main(argv=None) -> None:
     for batch in args.batch:
         rows += run_batch(args, batch, device, dtype)
     columns = [("impl", "impl", "s"), ("batch", "B", "d"), ("ms", "ms", ".1f"), ("min_ms", "min", ".1f"),
-               ("ratio_to_dense", "/dense", ".2f"), ("ratio_to_deepspeed", "/deepspeed", ".3f"),
+               ("ratio_to_dense", "/dense", ".2f"), ("ratio_to_floor", "/floor", ".2f"),
+               ("ratio_to_deepspeed", "/deepspeed", ".3f"),
                ("slots", "slots", "d"), ("gflop", "GFLOP", ".1f"), ("gflop_per_s", "GFLOP/s", ".1f"),
                ("chunks", "chunks", "d")]
     print(format_table(rows, columns))
-    noisy = [r for r in rows if r["rounds_discarded"] or r["foreign_cores_max"] > 0.25]
+    for r in rows:
+        if "movement_ms" in r:
+            print(f"B={r['batch']}: floor = dense + movement {r['movement_ms']:.1f} ms "
+                  f"({r['moved_bytes'] / 1e6:.0f} MB of rows gathered and scattered, {r['movement_gb_per_s']:.1f} GB/s)")
+        if "profile" in r:
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["profile"]["by_kind_ms"].items())
+            print(f"\nprofile {r['impl']} B={r['batch']}, self ms per step by kind: {kinds}\n{r['profile']['table']}")
+    noisy = [r for r in rows if r.get("rounds_discarded") or r.get("foreign_cores_max", 0) > 0.25]
     if noisy:
-        print(f"note: other processes used the CPU during this run (max {max(r['foreign_cores_max'] for r in rows):.2f} "
-              f"cores in a kept round; {max(r['rounds_discarded'] for r in rows)} rounds discarded)")
-    if any(r["chunks"] > 1 for r in rows):
+        print(f"note: other processes used the CPU during this run (max {max(r.get('foreign_cores_max', 0) for r in rows):.2f} "
+              f"cores in a kept round; {max(r.get('rounds_discarded', 0) for r in rows)} rounds discarded)")
+    if any(r.get("chunks", 1) > 1 for r in rows):
         print("chunks > 1: DeepSpeed ran as that many micro-batches (its [S, E, C] one-hot tensors do not fit)")
     if args.json:
         write_json(args.json, meta, rows)

@@ -27,17 +27,17 @@ class PhaseTimedEngine:
         self._engine, self._device = engine, device
         self.seconds = {p: 0.0 for p in PHASES}
 
-    def _timed(self, phase: str, fn, *args):
+    def _timed(self, phase: str, fn, *args, **kwargs):
         from benchmarks.common import sync
         sync(self._device)
         t0 = time.perf_counter()
-        out = fn(*args)
+        out = fn(*args, **kwargs)
         sync(self._device)
         self.seconds[phase] += time.perf_counter() - t0
         return out
 
-    def __call__(self, *args):
-        return self._timed("forward", self._engine, *args)
+    def __call__(self, *args, **kwargs):
+        return self._timed("forward", self._engine, *args, **kwargs)
 
     def backward(self, loss):
         return self._timed("backward", self._engine.backward, loss)
@@ -117,21 +117,15 @@ def _engine_rank(rank: int, world: int, port: int, args, impls, queue) -> None:
 def trainers_step(s):
     """step -> None: trainer.loop.train_step on session `s`, with the collaborators the loop
     builds for it (step statistics, the expert-bias owner, the non-finite step guard)."""
-    import inspect
-
     from trainer.distributed import comm_device
+    from trainer.engine.nonfinite import StepGuard
     from trainer.expert_bias import ExpertBiasBalancer
     from trainer.loop import train_step
+    from trainer.preemption import PreemptionWatcher
     from trainer.step_stats import StepStats
 
     stats = StepStats(len(s.model.moe_layers()), s.cfg.moe.num_experts)
     bias = ExpertBiasBalancer(s.model, s.device, comm_device())
-    if "guard" not in inspect.signature(train_step).parameters:
-        # a tree from before the non-finite step guard (trainer/engine/nonfinite.py, landing in
-        # parallel with this file): drop this branch once every checkout has it
-        return lambda step: train_step(s, step, stats, bias)
-    from trainer.engine.nonfinite import StepGuard
-    from trainer.preemption import PreemptionWatcher
     guard = StepGuard(s.engine, PreemptionWatcher.local_flags)   # no signal handlers: only the flags
     return lambda step: train_step(s, step, stats, bias, guard)
 

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import ForeignLoad, format_table, median_ms, time_interleaved
+from benchmarks.common import format_table, hottest_operators, median_ms, time_interleaved
 from benchmarks.throughput.presets import load_run_config
 
 
@@ -46,24 +46,6 @@ def build(cfg):
 
     fwd_bwd()   # gradients for the optimizer step to use
     return fwd_bwd, ffn_step, opt.step, captured, sum(p.numel() for p in obj.parameters())
-
-
-def hottest_operators(step, max_foreign: float, row_limit: int) -> tuple[str, float]:
-    """The profiler's table of 5 calls of `step`, from the least disturbed of up to 3 tries."""
-    for _ in range(3):
-        step()
-    best = None
-    for _ in range(3):
-        with ForeignLoad() as load, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(5):
-                step()
-        if best is None or load.cores < best[1]:
-            best = (prof, load.cores)
-        if load.cores <= max_foreign:
-            break
-    prof, cores = best
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit,
-                                     max_name_column_width=48), cores
 
 
 def profile_modules(args, impls) -> list[dict]:

@@ -1,0 +1,46 @@
+"""The CPU benchmarks run end to end at toy shapes, so their code cannot rot unnoticed: the MoE
+layer benchmark with its floor and profile, and the training profile through the real trainer's
+engine on 2 gloo processes. Nothing here looks at a time's value, only that each was measured."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(args, timeout):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_moe_layer_benchmark_counts_the_floor_and_profiles(tmp_path):
+    out = tmp_path / "layer.json"
+    stdout = run(["benchmarks/moe_layer.py", "--batch", "2", "--seq", "32", "--d-model", "32", "--experts", "8",
+                  "--k", "2", "--hidden", "16", "--impls", "ec", "tc_dropless", "dense", "--warmup", "0",
+                  "--repeat", "1", "--profile", "--profile-ops", "5", "--json", str(out)], timeout=300)
+    doc = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert set(rows) == {"ec", "tc_dropless", "dense", "floor (dense + movement)"}
+    floor = rows["floor (dense + movement)"]
+    slots = 2 * 32 * 2   # T x k: EC's capacity is exactly the tokens' k each
+    # 2 passes (forward, backward) x (gather + scatter) x (read + write) of each slot's row of 32 floats
+    assert floor["moved_bytes"] == 2 * 2 * 2 * slots * 32 * 4
+    assert floor["movement_ms"] > 0 and floor["ms"] > rows["dense"]["ms"]
+    assert rows["ec"]["ratio_to_floor"] == rows["ec"]["ms"] / floor["ms"]
+    for impl in ("ec", "dense"):
+        kinds = rows[impl]["profile"]["by_kind_ms"]
+        assert kinds.get("matmul", 0) > 0, kinds
+    assert "gather/scatter" in rows["ec"]["profile"]["by_kind_ms"]
+    assert "profile" not in rows["tc_dropless"]
+    assert "floor = dense + movement" in stdout and doc["meta"]["cpu_model"] and "isa" in doc["meta"]
+
+
+def test_training_profile_runs_the_trainers_engine(tmp_path):
+    stdout = run(["benchmarks/train_throughput.py", "--profile", "engine", "--preset", "tiny", "--impls", "ec",
+                  "--profile-warmup", "0", "--profile-repeat", "1", "--profile-ops", "3"], timeout=600)
+    table = stdout[stdout.index("train_step ms"):]
+    row = next(line for line in table.splitlines() if line.startswith("ec "))
+    assert len(row.split()) >= 9, row   # forward, backward, engine.step, rest, total, spread, params, load
+    assert "hottest operators of 3 whole steps" in stdout

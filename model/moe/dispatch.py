@@ -30,10 +30,12 @@ from .routing import Routing
 
 @dataclass
 class FixedExchange:
-    """What combine() needs to undo a fixed-capacity dispatch: the local capacity C and every
-    source rank's capacity."""
+    """What the experts and combine() need after a fixed-capacity dispatch: the local capacity C,
+    every rank's capacity, and this rank's own rows for its own experts ([El, C, D]: they never
+    travel)."""
     capacity: int
     source_capacities: list
+    own: torch.Tensor
 
 
 @dataclass
@@ -99,6 +101,17 @@ class LocalDispatcher:
 
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         return scatter_tokens(gated_rows(y), routing, routing.num_tokens)
+
+    def experts_then_combine(self, y: ExpertBatch, routing: Routing, experts: Callable) -> torch.Tensor:
+        """experts(rows [E, C, D], gate [E, C] or None) on the dispatched rows, then combine."""
+        return apply_then_combine(self, y, routing, experts)
+
+
+def apply_then_combine(dispatcher, y: ExpertBatch, routing: Routing, experts: Callable) -> torch.Tensor:
+    """The unpipelined order: every row through the experts (which apply the pending gates), then
+    combine."""
+    y.x, y.gate = experts(y.x, y.gate), None
+    return dispatcher.combine(y, routing)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -192,6 +205,7 @@ class AllToAllDispatcher:
         if num_experts % self.ep:
             raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep}")
         self.num_local = num_experts // self.ep
+        self.rank = dist.get_rank(group)
 
     # -- fixed capacity (EC, TC with a capacity factor) ----------------------------------------
     def _capacities(self, C: int, static: bool, device) -> list:
@@ -213,18 +227,46 @@ class AllToAllDispatcher:
         if self.sends_tokens_once(caps, routing.num_tokens):
             return self._dispatch_tokens(x_TD, routing, caps, meanwhile)
         x_ECD = gather_tokens(x_TD, routing)                               # [E, C, D]
-        El, (E, C, D) = self.num_local, x_ECD.shape
-        recv, side = all_to_all_overlapped(x_ECD.reshape(E * C, D), [El * c for c in caps], [El * C] * self.ep,
-                                           self.group, meanwhile)
-        return ExpertBatch(self._expert_major(recv, caps, D), ctx=FixedExchange(C, caps), overlapped=side)   # gates stay here
+        El, (E, C, D), me = self.num_local, x_ECD.shape, self.rank
+        per_rank = x_ECD.view(self.ep, El * C, D).unbind(0)                # rows for rank p's experts
+        # this rank's rows for its own experts stay here; the rest travel (nothing sent to self)
+        send = per_rank[1 - me] if self.ep == 2 else torch.cat([r for p, r in enumerate(per_rank) if p != me])
+        recv, side = all_to_all_overlapped(send, self._not_me([El * c for c in caps]), self._not_me([El * C] * self.ep),
+                                           self.group, meanwhile)          # per other source p: [El, C_p, D]
+        own = per_rank[me].view(El, C, D)
+        return ExpertBatch(recv, ctx=FixedExchange(C, caps, own), overlapped=side)   # gates stay here
+
+    def _not_me(self, sizes: list) -> list:
+        """Split sizes with nothing to or from this rank."""
+        return [0 if p == self.rank else n for p, n in enumerate(sizes)]
+
+    def experts_then_combine(self, y: ExpertBatch, routing: Routing, experts: Callable) -> torch.Tensor:
+        """experts(rows, gate) on the dispatched rows, then combine. On the fixed-capacity slot
+        path it is pipelined: the other sources' rows go through the experts first and travel
+        back while this rank's own rows (which need no exchange) go through; in the backward,
+        their gradients travel while the own rows' backward runs (autograd's ordering, as in
+        all_to_all_overlapped). The gates are applied here, on the token's rank, after."""
+        if not isinstance(y.ctx, FixedExchange):
+            return apply_then_combine(self, y, routing, experts)
+        C, caps, own = y.ctx.capacity, y.ctx.source_capacities, y.ctx.own
+        El, D = self.num_local, own.shape[-1]
+        others = [c for p, c in enumerate(caps) if p != self.rank]
+        rows_back = self._source_major(experts(self._expert_major(y.x, others, D), None), others)
+        back, own_out = all_to_all_overlapped(rows_back, self._not_me([El * C] * self.ep),
+                                              self._not_me([El * c for c in caps]), self.group,
+                                              meanwhile=lambda: experts(own, None))
+        parts = list(torch.split(back, El * C)) if self.ep > 2 else [back]   # per other expert rank
+        parts.insert(self.rank, own_out.reshape(El * C, D))
+        y_ECD = torch.cat(parts).view(-1, C, D)
+        return scatter_tokens(times_gate(y_ECD, routing.gate), routing, routing.num_tokens)
 
     def _expert_major(self, recv: torch.Tensor, caps: list, D: int) -> torch.Tensor:
-        """recv holds, per source rank p, [El, C_p, D]; each local expert takes all sources' rows:
-        [El, sum_p C_p, D]. With equal capacities that is one transpose copy (forward and backward);
-        split + cat would copy twice in the backward."""
-        El = self.num_local
+        """recv holds, per source rank p (those of `caps`), [El, C_p, D]; each local expert takes
+        all sources' rows: [El, sum_p C_p, D]. With equal capacities that is one transpose copy
+        (forward and backward; none for one source); split + cat would copy twice in the backward."""
+        El, n = self.num_local, len(caps)
         if len(set(caps)) == 1:
-            return recv.view(self.ep, El, caps[0], D).transpose(0, 1).reshape(El, self.ep * caps[0], D)
+            return recv.view(n, El, caps[0], D).transpose(0, 1).reshape(El, n * caps[0], D)
         parts = torch.split(recv, [El * c for c in caps])
         return torch.cat([p.view(El, c, D) for p, c in zip(parts, caps)], dim=1)
 
@@ -232,7 +274,7 @@ class AllToAllDispatcher:
         """The inverse of _expert_major: [El, sum_p C_p, D] -> per destination rank p, [El, C_p, D]."""
         El, _, D = rows.shape
         if len(set(caps)) == 1:
-            return rows.view(El, self.ep, caps[0], D).transpose(0, 1).reshape(-1, D)
+            return rows.view(El, len(caps), caps[0], D).transpose(0, 1).reshape(-1, D)
         return torch.cat([part.reshape(-1, D) for part in torch.split(rows, caps, dim=1)])
 
     # -- each token once per destination rank (fixed capacity, El * C > T) --------------------
@@ -278,10 +320,7 @@ class AllToAllDispatcher:
             return self._combine_ragged(y, routing)
         if isinstance(y.ctx, TokenExchange):
             return self._combine_tokens(y)
-        C, caps, (El, _, D) = y.ctx.capacity, y.ctx.source_capacities, y.x.shape
-        back = self._source_major(gated_rows(y), caps)
-        y_ECD = all_to_all(back, [El * C] * self.ep, [El * c for c in caps], self.group)
-        return scatter_tokens(times_gate(y_ECD.view(-1, C, D), routing.gate), routing, routing.num_tokens)
+        raise ValueError("a fixed-capacity slot dispatch is combined by experts_then_combine()")
 
     # -- ragged (TC dropless): counts first, then rows ----------------------------------------
     def _dispatch_ragged(self, x_TD: torch.Tensor, routing: Routing, meanwhile: Optional[Callable]) -> ExpertBatch:

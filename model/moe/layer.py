@@ -103,10 +103,12 @@ class MoELayer(nn.Module):
             return out_TD + shared() if shared else out_TD
         batch = self.dispatcher.dispatch(x_TD, routing, meanwhile=shared)
         shared_TD = batch.overlapped
-        batch.x = (self.experts.forward_fixed(batch.x, batch.gate) if routing.fixed
-                   else self.experts.forward_ragged(batch.x, batch.counts, batch.gate))
-        batch.gate = None   # applied: combine() must not apply it again
-        out_TD = self.dispatcher.combine(batch, routing)
+        if routing.fixed:
+            out_TD = self.dispatcher.experts_then_combine(batch, routing, self.experts.forward_fixed)
+        else:
+            batch.x = self.experts.forward_ragged(batch.x, batch.counts, batch.gate)
+            batch.gate = None   # applied: combine() must not apply it again
+            out_TD = self.dispatcher.combine(batch, routing)
         return out_TD + shared_TD if shared else out_TD
 
     def route(self, logits_BLE: torch.Tensor, mask_ratio_B: Optional[torch.Tensor],

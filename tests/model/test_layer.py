@@ -118,7 +118,18 @@ def _ep_worker(rank, world, variant):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_expert_parallel_equals_single_process(variant):
-    results = run_distributed(_ep_worker, 2, variant)
+    check_expert_parallel(variant, 2)
+
+
+@pytest.mark.parametrize("variant", ["ec_static", "ec_dynamic"])
+def test_expert_parallel_over_4_ranks_equals_single_process(variant):
+    """More than one other rank: the pipelined slot path sends to and receives from several
+    sources (split and reassembled in rank order), with equal and with unequal capacities."""
+    check_expert_parallel(variant, 4)
+
+
+def check_expert_parallel(variant, world):
+    results = run_distributed(_ep_worker, world, variant)
     for rank, res in enumerate(results):
         for name, (got, ref) in res.items():
             assert got is not None, f"rank {rank}: no {name}"

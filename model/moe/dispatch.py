@@ -1,15 +1,27 @@
-"""All communication of an MoE layer, behind one dispatch() / combine() interface.
+"""All communication of an MoE layer, behind one dispatch() / experts_then_combine() interface.
 
-    dispatch: gather each expert's tokens (x_TD -> per-expert rows) and, under expert
-              parallelism, all-to-all them (and their gates) to the rank that holds the expert;
-    combine:  the reverse all-to-all, then gate-weighted scatter-add back to token order.
+    dispatch:             gather each expert's tokens (x_TD -> per-expert rows) and, under expert
+                          parallelism, all-to-all them to the rank that holds the expert;
+    experts_then_combine: the experts on those rows, the reverse all-to-all, then gate-weighted
+                          scatter-add back to token order (combine() is that last part alone).
+
+Three exchanges under expert parallelism, all with sizes known before any data moves except
+the ragged one:
+  - fixed-capacity slots (EC, TC with a capacity factor): one row per slot. A rank's rows for
+    its own experts never travel; the combine is pipelined: the other sources' rows go through
+    the experts first and travel back while the own rows go through.
+  - each token once per rank (fixed capacity with El * C > T, i.e. k > ep): every token goes to
+    every rank once, with its slots' indices and gates; expert outputs are summed per token
+    there, and one row per token comes back (k / ep fewer bytes each way).
+  - ragged (TC dropless): counts first, then rows.
 
 Gates: in one process the gate travels with its row in `ExpertBatch.gate`; MoELayer's experts
 apply it to their hidden activation ([.., H] wide rather than [.., D]: half the memory traffic)
 and clear it; combine() applies whatever gate is still pending, so a caller that ignores gates
-gets the same result. Under expert parallelism the gate never leaves the token's rank: combine()
-applies it to the returned rows there. That saves one all-to-all per dispatch in the forward and
-one in the backward (a third of the layer's collectives), at the cost of a [.., D] multiply.
+gets the same result. On the slot and ragged paths the gate never leaves the token's rank: it is
+applied to the returned rows there. That saves one all-to-all per dispatch in the forward and
+one in the backward (a third of the layer's collectives), at the cost of a [.., D] multiply. On
+the once-per-rank path the gates travel ([El, C] floats), since the sums are made remotely.
 
 `LocalDispatcher` is the one-process case. `AllToAllDispatcher` takes its process group as an
 argument (no globals), so it can be tested on gloo with two processes.

@@ -52,10 +52,14 @@ class FixedExchange:
 
 @dataclass
 class TokenExchange:
-    """What combine() needs to undo a once-per-rank dispatch: every received slot's row in the
-    [ep * T, D] block of all sources' tokens, and T."""
+    """What the experts and combine need after a once-per-rank dispatch: every slot's row in the
+    block of tokens it indexes, and T; for the other sources' slots (the block of their tokens,
+    by source), `own` holds the same for this rank's own slots (its tokens, their gates)."""
     row_of_slot: torch.Tensor
     num_tokens: int
+    tokens: Optional[torch.Tensor] = None
+    gate: Optional[torch.Tensor] = None
+    own: Optional["TokenExchange"] = None
 
 
 @dataclass
@@ -258,6 +262,8 @@ class AllToAllDispatcher:
         back while this rank's own rows (which need no exchange) go through; in the backward,
         their gradients travel while the own rows' backward runs (autograd's ordering, as in
         all_to_all_overlapped). The gates are applied here, on the token's rank, after."""
+        if isinstance(y.ctx, TokenExchange):
+            return self._experts_then_combine_tokens(y, experts)
         if not isinstance(y.ctx, FixedExchange):
             return apply_then_combine(self, y, routing, experts)
         C, caps, own = y.ctx.capacity, y.ctx.source_capacities, y.ctx.own
@@ -300,39 +306,52 @@ class AllToAllDispatcher:
 
     def _dispatch_tokens(self, x_TD: torch.Tensor, routing: Routing, caps: list,
                          meanwhile: Optional[Callable]) -> ExpertBatch:
-        """All of this rank's T tokens go to every rank (T rows per pair, where the slot path
-        sends El * C), with each slot's token index and gate for that rank's experts (small).
-        The destination gathers its experts' rows from the block of all sources' tokens; combine
-        sums each token's gated expert outputs there and sends back one row per token."""
+        """All of this rank's T tokens go to every other rank (T rows per pair, where the slot
+        path sends El * C), with each slot's token index and gate for that rank's experts
+        (small). A destination gathers its experts' rows from the block of the other sources'
+        tokens and from its own tokens, which never travel; see experts_then_combine."""
         T, D = x_TD.shape
-        El, ep, (E, C) = self.num_local, self.ep, routing.token_idx.shape
-        x_all, side = all_to_all_overlapped(x_TD.expand(ep, T, D).reshape(ep * T, D), [T] * ep, [T] * ep,
-                                            self.group, meanwhile)            # [ep * T, D]: source-major
+        El, ep, me, (E, C) = self.num_local, self.ep, self.rank, routing.token_idx.shape
+        tokens = self._not_me([T] * ep)
+        x_other, side = all_to_all_overlapped(x_TD.expand(ep - 1, T, D).reshape(-1, D), tokens, tokens,
+                                              self.group, meanwhile)          # [(ep-1) T, D], by source
         out_splits, in_splits = [El * c for c in caps], [El * C] * ep
         idx = torch.empty(sum(out_splits), dtype=routing.token_idx.dtype, device=x_TD.device)
         dist.all_to_all_single(idx, routing.token_idx.reshape(-1), out_splits, in_splits, group=self.group)
         gate = all_to_all(routing.gate.reshape(-1), out_splits, in_splits, self.group)
-        # source p's slots point at its tokens, rows p*T.. of x_all
-        offset = torch.cat([torch.full((n,), p * T, dtype=idx.dtype, device=idx.device)
-                            for p, n in enumerate(out_splits)])
-        row_of_slot = self._expert_major((idx + offset).unsqueeze(-1), caps, 1).squeeze(-1)   # [El, sum_p C_p]
-        gate_EC = self._expert_major(gate.unsqueeze(-1), caps, 1).squeeze(-1)
-        x_ECD = x_all.index_select(0, row_of_slot.reshape(-1)).view(*row_of_slot.shape, D)
-        return ExpertBatch(x_ECD, ctx=TokenExchange(row_of_slot, T), gate=gate_EC, overlapped=side)
+        idx_p, gate_p = torch.split(idx, out_splits), torch.split(gate, out_splits)
+        # the other sources' slots point at their tokens: rows j*T.. of x_other for the j-th of them
+        others = [p for p in range(ep) if p != me]
+        row = torch.cat([idx_p[p] + j * T for j, p in enumerate(others)]).unsqueeze(-1)
+        other_caps = [caps[p] for p in others]
+        row_of_slot = self._expert_major(row, other_caps, 1).squeeze(-1)            # [El, sum_p C_p]
+        gate_other = self._expert_major(torch.cat([gate_p[p] for p in others]).unsqueeze(-1), other_caps, 1)
+        x_ECD = x_other.index_select(0, row_of_slot.reshape(-1)).view(*row_of_slot.shape, D)
+        own = TokenExchange(idx_p[me].view(El, C), T, x_TD, gate_p[me].view(El, C))
+        return ExpertBatch(x_ECD, ctx=TokenExchange(row_of_slot, T, own=own), gate=gate_other.squeeze(-1),
+                           overlapped=side)
 
-    def _combine_tokens(self, y: ExpertBatch) -> torch.Tensor:
-        row_of_slot, T = y.ctx.row_of_slot, y.ctx.num_tokens
+    def _experts_then_combine_tokens(self, y: ExpertBatch, experts: Callable) -> torch.Tensor:
+        """The other sources' slots through the experts, their gated outputs summed per token and
+        sent back (one row per token), while this rank's own slots go through; then every rank's
+        sums for this rank's tokens, added up."""
+        row_of_slot, T, own = y.ctx.row_of_slot, y.ctx.num_tokens, y.ctx.own
         D = y.x.shape[-1]
-        sums = y.x.new_zeros(self.ep * T, D).index_add_(0, row_of_slot.reshape(-1), gated_rows(y).reshape(-1, D))
-        back = all_to_all(sums, [T] * self.ep, [T] * self.ep, self.group)      # every rank's sums for my tokens
-        return back.view(self.ep, T, D).sum(0)
+        out = experts(y.x, y.gate)
+        sums = out.new_zeros((self.ep - 1) * T, D).index_add_(0, row_of_slot.reshape(-1), out.reshape(-1, D))
+        tokens = self._not_me([T] * self.ep)
+
+        def own_sums():
+            x_own = own.tokens.index_select(0, own.row_of_slot.reshape(-1)).view(*own.row_of_slot.shape, D)
+            rows = experts(x_own, own.gate)
+            return rows.new_zeros(T, D).index_add_(0, own.row_of_slot.reshape(-1), rows.reshape(-1, D))
+        back, mine = all_to_all_overlapped(sums, tokens, tokens, self.group, meanwhile=own_sums)
+        return back.view(self.ep - 1, T, D).sum(0) + mine
 
     def combine(self, y: ExpertBatch, routing: Routing) -> torch.Tensor:
         if not routing.fixed:
             return self._combine_ragged(y, routing)
-        if isinstance(y.ctx, TokenExchange):
-            return self._combine_tokens(y)
-        raise ValueError("a fixed-capacity slot dispatch is combined by experts_then_combine()")
+        raise ValueError("a fixed-capacity dispatch is combined by experts_then_combine()")
 
     # -- ragged (TC dropless): counts first, then rows ----------------------------------------
     def _dispatch_ragged(self, x_TD: torch.Tensor, routing: Routing, meanwhile: Optional[Callable]) -> ExpertBatch:

@@ -22,6 +22,7 @@ VARIANTS = {
     "ec_dynamic_k3": {"router": "expert_choice", "k": 3,
                       "capacity": {"schedule": "linear_reverse", "k_min": 2, "k_max": 4}},
     "tc_capacity_k3": {"router": "token_choice", "capacity_factor": 1.0, "k": 3},
+    "ec_static_e8_k5": {"router": "expert_choice", "num_experts": 8, "k": 5},   # once per rank at ep=4 too
 }
 
 
@@ -121,10 +122,11 @@ def test_expert_parallel_equals_single_process(variant):
     check_expert_parallel(variant, 2)
 
 
-@pytest.mark.parametrize("variant", ["ec_static", "ec_dynamic"])
+@pytest.mark.parametrize("variant", ["ec_static", "ec_dynamic", "ec_static_e8_k5"])
 def test_expert_parallel_over_4_ranks_equals_single_process(variant):
-    """More than one other rank: the pipelined slot path sends to and receives from several
-    sources (split and reassembled in rank order), with equal and with unequal capacities."""
+    """More than one other rank: the pipelined slot path and the once-per-rank path send to and
+    receive from several sources (split and reassembled in rank order), with equal and with
+    unequal capacities."""
     check_expert_parallel(variant, 4)
 
 

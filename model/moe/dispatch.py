@@ -246,7 +246,8 @@ class AllToAllDispatcher:
         El, (E, C, D), me = self.num_local, x_ECD.shape, self.rank
         per_rank = x_ECD.view(self.ep, El * C, D).unbind(0)                # rows for rank p's experts
         # this rank's rows for its own experts stay here; the rest travel (nothing sent to self)
-        send = per_rank[1 - me] if self.ep == 2 else torch.cat([r for p, r in enumerate(per_rank) if p != me])
+        away = [r for p, r in enumerate(per_rank) if p != me]
+        send = away[0] if len(away) == 1 else torch.cat(away) if away else x_ECD.new_empty(0, D)   # none at ep=1
         recv, side = all_to_all_overlapped(send, self._not_me([El * c for c in caps]), self._not_me([El * C] * self.ep),
                                            self.group, meanwhile)          # per other source p: [El, C_p, D]
         own = per_rank[me].view(El, C, D)
@@ -269,7 +270,7 @@ class AllToAllDispatcher:
         C, caps, own = y.ctx.capacity, y.ctx.source_capacities, y.ctx.own
         El, D = self.num_local, own.shape[-1]
         others = [c for p, c in enumerate(caps) if p != self.rank]
-        rows_back = self._source_major(experts(self._expert_major(y.x, others, D), None), others)
+        rows_back = self._source_major(experts(self._expert_major(y.x, others, D), None), others) if others else y.x
         back, own_out = all_to_all_overlapped(rows_back, self._not_me([El * C] * self.ep),
                                               self._not_me([El * c for c in caps]), self.group,
                                               meanwhile=lambda: experts(own, None))
@@ -301,8 +302,8 @@ class AllToAllDispatcher:
         bytes when a rank's experts take more slots than there are tokens (El * C > T, i.e.
         k > ep on average), as with fine-grained experts (k = 8 at ep = 2: 4x fewer). Decided
         from every rank's capacity (and T, equal on all ranks), so every rank agrees, and every
-        buffer size stays known in advance."""
-        return self.num_local * sum(caps) > self.ep * num_tokens
+        buffer size stays known in advance. Never at one rank, where the slot path sends nothing."""
+        return self.ep > 1 and self.num_local * sum(caps) > self.ep * num_tokens
 
     def _dispatch_tokens(self, x_TD: torch.Tensor, routing: Routing, caps: list,
                          meanwhile: Optional[Callable]) -> ExpertBatch:

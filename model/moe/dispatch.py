@@ -52,14 +52,14 @@ class FixedExchange:
 
 @dataclass
 class TokenExchange:
-    """What the experts and combine need after a once-per-rank dispatch: every slot's row in the
-    block of tokens it indexes, and T; for the other sources' slots (the block of their tokens,
-    by source), `own` holds the same for this rank's own slots (its tokens, their gates)."""
-    row_of_slot: torch.Tensor
+    """What the experts and combine need after a once-per-rank dispatch: each other source's slot's
+    row in the block of their tokens (by source), T, and this rank's own tokens with its own
+    slots' token indices and gates (they never travel)."""
+    row_of_slot: torch.Tensor   # [El, sum over other sources of C_p]
     num_tokens: int
-    tokens: Optional[torch.Tensor] = None
-    gate: Optional[torch.Tensor] = None
-    own: Optional["TokenExchange"] = None
+    own_tokens: torch.Tensor    # [T, D]
+    own_idx: torch.Tensor       # [El, C]
+    own_gate: torch.Tensor      # [El, C]
 
 
 @dataclass
@@ -274,7 +274,7 @@ class AllToAllDispatcher:
         back, own_out = all_to_all_overlapped(rows_back, self._not_me([El * C] * self.ep),
                                               self._not_me([El * c for c in caps]), self.group,
                                               meanwhile=lambda: experts(own, None))
-        parts = list(torch.split(back, El * C)) if self.ep > 2 else [back]   # per other expert rank
+        parts = list(torch.split(back, El * C))   # per other expert rank
         parts.insert(self.rank, own_out.reshape(El * C, D))
         y_ECD = torch.cat(parts).view(-1, C, D)
         return scatter_tokens(times_gate(y_ECD, routing.gate), routing, routing.num_tokens)
@@ -328,24 +328,23 @@ class AllToAllDispatcher:
         row_of_slot = self._expert_major(row, other_caps, 1).squeeze(-1)            # [El, sum_p C_p]
         gate_other = self._expert_major(torch.cat([gate_p[p] for p in others]).unsqueeze(-1), other_caps, 1)
         x_ECD = x_other.index_select(0, row_of_slot.reshape(-1)).view(*row_of_slot.shape, D)
-        own = TokenExchange(idx_p[me].view(El, C), T, x_TD, gate_p[me].view(El, C))
-        return ExpertBatch(x_ECD, ctx=TokenExchange(row_of_slot, T, own=own), gate=gate_other.squeeze(-1),
-                           overlapped=side)
+        ctx = TokenExchange(row_of_slot, T, x_TD, idx_p[me].view(El, C), gate_p[me].view(El, C))
+        return ExpertBatch(x_ECD, ctx=ctx, gate=gate_other.squeeze(-1), overlapped=side)
 
     def _experts_then_combine_tokens(self, y: ExpertBatch, experts: Callable) -> torch.Tensor:
         """The other sources' slots through the experts, their gated outputs summed per token and
         sent back (one row per token), while this rank's own slots go through; then every rank's
         sums for this rank's tokens, added up."""
-        row_of_slot, T, own = y.ctx.row_of_slot, y.ctx.num_tokens, y.ctx.own
-        D = y.x.shape[-1]
+        ctx, D = y.ctx, y.x.shape[-1]
+        row_of_slot, T = ctx.row_of_slot, ctx.num_tokens
         out = experts(y.x, y.gate)
         sums = out.new_zeros((self.ep - 1) * T, D).index_add_(0, row_of_slot.reshape(-1), out.reshape(-1, D))
         tokens = self._not_me([T] * self.ep)
 
         def own_sums():
-            x_own = own.tokens.index_select(0, own.row_of_slot.reshape(-1)).view(*own.row_of_slot.shape, D)
-            rows = experts(x_own, own.gate)
-            return rows.new_zeros(T, D).index_add_(0, own.row_of_slot.reshape(-1), rows.reshape(-1, D))
+            idx = ctx.own_idx.reshape(-1)
+            rows = experts(ctx.own_tokens.index_select(0, idx).view(*ctx.own_idx.shape, D), ctx.own_gate)
+            return rows.new_zeros(T, D).index_add_(0, idx, rows.reshape(-1, D))
         back, mine = all_to_all_overlapped(sums, tokens, tokens, self.group, meanwhile=own_sums)
         return back.view(self.ep - 1, T, D).sum(0) + mine
 

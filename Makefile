@@ -30,7 +30,7 @@ $(DATA)/meta.json: $(VENV)/.installed
 
 # The tiny preset on the embedded corpus, NPROC processes through DeepSpeed's launcher (gloo on CPU).
 train: setup
-	$(VENV)/bin/deepspeed --num_gpus $(NPROC) trainer/main.py --ds_config $(DS_CONFIG) --config $(CONFIG) $(OVERRIDES)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) train.py --ds_config $(DS_CONFIG) --config $(CONFIG) $(OVERRIDES)
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

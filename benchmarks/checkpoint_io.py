@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(free_port())})
     import torch
-    from evaluation.loading import full_model_state
-    from trainer.config import load_config
+    from rundir.state import full_model_state
+    from rundir.config import load_config
     from trainer.engine.checkpoint import load_checkpoint, save_checkpoint
     from trainer.engine.nonfinite import StepGuard
     from trainer.expert_bias import ExpertBiasBalancer

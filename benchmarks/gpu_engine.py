@@ -36,7 +36,7 @@ def one_rank_group(device) -> None:
 
 def run_config(name: str, smoke: bool, bf16: bool):
     """The RunConfig the trainer would build for this preset at one rank, micro-batch = global batch."""
-    from trainer.config import RunConfig, TrainConfig
+    from rundir.config import RunConfig, TrainConfig
     mc, B, L = step_config(name, smoke)
     train = TrainConfig(global_batch_size=B, micro_batch_size=B, seq_len=L, precision="bf16" if bf16 else "fp32")
     return RunConfig(model_config=mc, train=train), B, L

@@ -61,7 +61,7 @@ def deepspeed_step(shape, x, grad, device, dtype):
 
 
 def run(shapes: dict, device, dtype, warmup: int, repeat: int, with_deepspeed: bool) -> list[dict]:
-    from model.moe import SwiGLU
+    from model.moe.experts import SwiGLU
     rows = []
     for shape_name, s in shapes.items():
         B, L, D, E, H, k = s["B"], s["L"], s["d"], s["E"], s["h"], s["k"]

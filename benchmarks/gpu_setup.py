@@ -104,7 +104,7 @@ def device_layer(d_model: int, cfg, device, dtype, seed: int = 0):
     """MoELayer built on `device` with device-drawn N(0, 0.02) weights: drawing them from the
     CPU generator the layer uses by default costs seconds per layer (E=512: 300M numbers), and
     timings do not depend on the values."""
-    from model.moe import MoELayer
+    from model.moe.layer import MoELayer
     with torch.device(device):
         layer = MoELayer(d_model, cfg, init_seed=None)
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@
         loss.backward()
     sc.total, sc.by_kind(), sc.by_site()
 
-    python benchmarks/host_syncs.py [--json out.json]     # the README's table
+    python benchmarks/host_syncs.py [--json out.json]     # benchmarks/RESULTS.md's table
 
 On a GPU the host queues kernels ahead of the device; anything that needs a device value on the
 host (a Python number, a shape that depends on data, a host copy) stalls that queue until the
@@ -140,7 +140,7 @@ class HostSyncCounter:
         return dict(c.most_common())
 
 
-# ---- the README's table: one training step per router, and the sampler's step ------------------
+# ---- benchmarks/RESULTS.md's table: one training step per router, and the sampler's step ------------------
 def tiny_config(router: str, schedule: str = "static", capacity_factor=None, **moe):
     """A 2-layer model small enough to count on the CPU in a second; syncs do not depend on size."""
     from model import ModelConfig, from_dict
@@ -237,7 +237,7 @@ def count_all() -> list[dict]:
         cfg = CONFIGS[name]()
         sc, forwards = sampler_step_syncs(cfg)
         rows.append(summarize(f"sample/{name}", sc, cfg.model.n_layers, steps=forwards))
-    from model.moe import MoELayer
+    from model.moe.layer import MoELayer
     for name in ("ec_static", "ec_linear_reverse", "tc_cf1", "tc_dropless"):   # one layer, fwd + bwd
         cfg = CONFIGS[name]()
         torch.manual_seed(0)

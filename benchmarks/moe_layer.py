@@ -39,7 +39,8 @@ import torch.nn as nn
 from benchmarks.common import (available_memory, format_table, free_port, machine_info, machine_line, median_ms,
                                pick_device, profiled_steps, time_interleaved, wait_for_idle, write_json)
 from model import ModelConfig, from_dict
-from model.moe import MoELayer, SwiGLU
+from model.moe.experts import SwiGLU
+from model.moe.layer import MoELayer
 from model.moe.experts import swiglu
 
 IMPLS = ("ec", "tc_cf1", "tc_dropless", "deepspeed", "dense")

@@ -89,8 +89,8 @@ def decode_length(heldout: str, tokenizer_dir: str, seq_len: int) -> int:
     fill); measured here, a model at train loss 3e-4 copies perfectly on a seq_len canvas and
     gets 0% on a shorter one (it locates digits relative to the sequence's end too)."""
     from evaluation.generation_tasks import load_generation_jsonl
-    from evaluation.loading import load_tokenizer
-    tok = load_tokenizer(tokenizer_dir)
+    from rundir.tokenizer import data_tokenizer
+    tok = data_tokenizer(tokenizer_dir)
     longest = max(len(tok.encode(it.prompt)) for it in load_generation_jsonl(heldout))
     if longest >= seq_len:
         raise SystemExit(f"error: --seq-len {seq_len} leaves no room to generate after a {longest}-token prompt")

@@ -5,7 +5,7 @@
     python benchmarks/train_throughput.py --profile [--preset ffn]     # no launcher
 
 Each implementation (benchmarks/throughput/presets.py: ec, ec_dynamic, tc_cf1, tc_dropless, dense)
-is one `deepspeed --num_gpus N trainer/main.py` run (gloo on the CPU, ZeRO-2, fp32, moe.ep_size = N
+is one `deepspeed --num_gpus N train.py` run (gloo on the CPU, ZeRO-2, fp32, moe.ep_size = N
 by default: each rank holds 1/N of the experts) of the same preset, data and diffusion noise, for
 `warmup + steps` optimizer steps.
 

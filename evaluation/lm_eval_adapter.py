@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 
 from .sample import SampleConfig, generate, truncate_at_stops
 from .inference import model_device
-from .loading import load_run
+from evaluation.loading import load_run
 from .likelihood import elbo_loglik
 
 

@@ -214,7 +214,7 @@ def evaluate_mc(model, tok, items: Sequence[MCItem], mode: str = "likelihood", m
 
 # ---- command line --------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    from .loading import load_run
+    from evaluation.loading import load_run
     p = argparse.ArgumentParser(description="Zero-shot multiple-choice accuracy of an ecdlm run.")
     p.add_argument("run", help="run directory or checkpoint directory")
     p.add_argument("--task", required=True, help="JSON lines: question/context, choices, answer")

@@ -26,7 +26,7 @@ def perplexity_bound(model, cfg, data_dir: str, split: str = "val", batches: int
     from trainer.data import fixed_eval_batches
     from trainer.validation import evaluate
     from .inference import model_device
-    from .loading import resolve_path
+    from rundir.state import resolve_path
     seq_len = seq_len or cfg.train.seq_len
     data = fixed_eval_batches(os.path.join(resolve_path(data_dir), split), seq_len, batch_size, batches)
     ecfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_ratio_points=ratio_points, seed=seed))
@@ -38,7 +38,7 @@ def perplexity_bound(model, cfg, data_dir: str, split: str = "val", batches: int
 
 
 def main(argv=None) -> int:
-    from .loading import load_run
+    from evaluation.loading import load_run
     p = argparse.ArgumentParser(description="Validation ELBO / perplexity bound of an ecdlm run.")
     p.add_argument("run", help="run directory or checkpoint directory")
     p.add_argument("--data", help="prepared data directory (default: the run's data.path)")

@@ -69,7 +69,7 @@ def router_tag(cfg) -> str:
 
 
 def load_runs(paths: list, names: Optional[list] = None) -> list:
-    from trainer.config import load_config
+    from rundir.config import load_config
     from trainer.metrics import decode_row   # "nan" / "inf" / "-inf" back to floats
     runs = []
     for i, path in enumerate(paths):

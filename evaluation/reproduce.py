@@ -115,7 +115,7 @@ class PlannedRun:
     resolved: dict = field(default_factory=dict)   # k_max after solving, E[k]: from the real config
 
     def command(self, scale: Scale) -> list:
-        args = ["trainer/main.py", "--ds_config", "ds_configs/zero2.json", "--config", self.config, *self.overrides]
+        args = ["train.py", "--ds_config", "ds_configs/zero2.json", "--config", self.config, *self.overrides]
         if scale.launcher == "deepspeed":   # the venv's launcher; a port of its own per run
             launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
             return [launcher, "--num_gpus", str(scale.nproc), "--master_port", str(free_port()), *args]
@@ -147,7 +147,7 @@ def arm_overrides(arm: str, scale: Scale) -> tuple:
 def plan(scale: Scale, runs_dir: str, arms: list, seeds: int, steps: int, extra: list) -> list:
     """Every run, with its config validated and resolved by the trainer's own config loader (a bad
     override fails here, before anything trains)."""
-    from trainer.config import load_config
+    from rundir.config import load_config
     out = []
     for arm in arms:
         config, over = arm_overrides(arm, scale)

@@ -250,7 +250,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from .loading import load_run
+    from evaluation.loading import load_run
     args = parse_args(argv)
     sc = SampleConfig(gen_length=args.gen_length, steps=args.steps or args.gen_length,
                       block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,

@@ -1,17 +1,21 @@
-"""On-the-fly task evaluation during training: the trainer's preflight checks the task files, and
-the loop calls `evaluate_tasks` after every step (a no-op unless a task is due).
+"""On-the-fly task evaluation during training. The entry point (train.py) builds a TrainingTasks
+from the run config and hands its `check` and `evaluate` to the trainer (trainer/hooks.py): the
+preflight checks the task files, and the loop calls `evaluate` after every step (a no-op unless a
+task is due). The trainer never imports this package.
 
-Tasks are `trainer.config.EvalTaskConfig` (dicts of the same fields are accepted too). Collective
-when world > 1: every rank calls it at the same steps (see evaluation/multiple_choice.py and
-evaluation/generation_tasks.py).
+Tasks are `evaluation.task_config.EvalTaskConfig` (dicts of the same fields are accepted too).
+Collective when world > 1: every rank calls it at the same steps (see evaluation/multiple_choice.py
+and evaluation/generation_tasks.py).
 """
 from __future__ import annotations
 
 import os
 from typing import Optional, Sequence
 
-from model.config import ConfigError, from_dict
-from trainer.config import EvalTaskConfig, validate_tasks
+from model.config import ConfigError
+from rundir.tokenizer import data_tokenizer
+
+from .task_config import check_task_fields, typed_tasks
 
 from .generation_tasks import evaluate_generation, load_generation_jsonl, sample_config
 from .multiple_choice import evaluate_mc, load_mc_jsonl
@@ -25,17 +29,10 @@ def load_items(task) -> list:
     return loader(task.path, task.limit)
 
 
-def typed_tasks(tasks: Sequence, prefix: str = "eval.tasks") -> list:
-    """EvalTaskConfig for each spec (dicts are checked like the YAML: errors name the field)."""
-    return [t if isinstance(t, EvalTaskConfig) else from_dict(EvalTaskConfig, t, f"{prefix}[{i}].")
-            for i, t in enumerate(tasks)]
-
-
-def check_tasks(tasks: Sequence, prefix: str = "eval.tasks") -> list:
+def check_tasks(tasks: Sequence, prefix: str = "eval.tasks", max_seq_len: Optional[int] = None) -> list:
     """Fail fast, before training starts, on a task that `evaluate_tasks` could not run: its
     fields and its file. The ConfigError names the field (e.g. eval.tasks[1].path)."""
-    tasks = typed_tasks(tasks, prefix)
-    validate_tasks(tasks, prefix)
+    tasks = check_task_fields(tasks, max_seq_len or float("inf"), prefix)
     for i, task in enumerate(tasks):
         where = f"{prefix}[{i}]"
         if not os.path.exists(task.path):
@@ -70,3 +67,22 @@ def evaluate_tasks(model, tasks: Sequence, tokenizer, step: int, rank: Optional[
             if metric in res:
                 row[f"eval/{task.name}/{metric}"] = res[metric]
     return row
+
+
+class TrainingTasks:
+    """The run's `eval.tasks`, as the trainer receives them from the entry point: `check` in the
+    preflight (fields and files), `evaluate` in the loop. Fields are checked at construction, so
+    a bad task stops the run before any process group exists."""
+
+    def __init__(self, cfg):
+        self.tasks = check_task_fields(cfg.eval.tasks, cfg.model.max_seq_len)
+        self.data_path, self.max_seq_len = cfg.data.path, cfg.model.max_seq_len
+        self.tokenizer = None   # read on the first evaluation: preflight must not need it
+
+    def check(self, cfg) -> None:
+        check_tasks(self.tasks, max_seq_len=self.max_seq_len)
+
+    def evaluate(self, model, step: int, rank: int, world: int) -> dict:
+        if self.tokenizer is None:
+            self.tokenizer = data_tokenizer(self.data_path)
+        return evaluate_tasks(model, self.tasks, self.tokenizer, step, rank, world)

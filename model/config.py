@@ -13,28 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the dotted field."""
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-@dataclass
-class CapacityConfig:
-    """Timestep-aware expert-choice capacity: k_b = clamp(round(k_min + (k_max-k_min) s(r_b)))."""
-    schedule: Literal["static", "linear", "linear_reverse", "cosine", "cosine_reverse", "bell",
-                      "gaussian", "gaussian_reverse", "piecewise"] = "static"
-    k_min: Optional[float] = None       # defaults to moe.k for `static`
-    k_max: Optional[float] = None       # float so `flop_match: solve` can land between integers
-    k_target: Optional[float] = None    # expected k to match; defaults to moe.k
-    sigma: float = 0.22                 # width of the `gaussian` schedules
-    points: Optional[list] = None       # `piecewise`: [[r, s], ...], r ascending over [0, 1]
-    flop_match: Literal["check", "off", "solve"] = "check"
-    # half_up: ecdlm's floor(x + 0.5); half_even: torch.round, as EC-DLM (differs only at exact .5)
-    rounding: Literal["half_up", "half_even"] = "half_up"
+from .errors import ConfigError, require as _require
+from .moe.capacity import CapacityConfig, check_capacity_ranges, resolve_capacity, validate_capacity
 
 
 @dataclass
@@ -209,12 +189,7 @@ def resolve_moe(e: MoEConfig):
     if e.router != "expert_choice":
         return e, None
     check_moe_fields(e)        # the schedule cannot be built from out-of-range values
-    check_capacity_ranges(e)
-    from .moe.capacity import FlopMatchError, build_capacity, solve_capacity
-    try:
-        cap = solve_capacity(e) if c.flop_match == "solve" else build_capacity(e)
-    except (FlopMatchError, ValueError) as err:
-        raise ConfigError(f"moe.capacity: {err}") from None
+    cap = resolve_capacity(e)
     c.k_max = cap.k_max
     return e, cap
 
@@ -224,11 +199,7 @@ def validate_moe(e: MoEConfig, capacity=None) -> None:
     check_moe_fields(e)
     check_capacity_ranges(e)
     if e.router == "expert_choice":
-        from .moe.capacity import FlopMatchError, check_flop_match
-        try:
-            check_flop_match(capacity, e.capacity)
-        except FlopMatchError as err:
-            raise ConfigError(f"moe.capacity: {err}") from None
+        validate_capacity(capacity, e.capacity)
 
 
 def check_moe_fields(e: MoEConfig) -> None:
@@ -256,29 +227,6 @@ def check_moe_fields(e: MoEConfig) -> None:
              "moe.z_loss_coef, moe.aux_loss_coef and moe.bias_update_rate must be >= 0")
     _require(not e.expert_bias_in_gates or e.router == "token_choice",
              f"moe.expert_bias_in_gates=true needs moe.router=token_choice, not {e.router}")
-
-
-def check_capacity_ranges(e: MoEConfig) -> None:
-    """moe.capacity's values are in range (after defaults are filled)."""
-    c = e.capacity
-    _require(c.k_min is not None and c.k_max is not None,
-             f"moe.capacity.k_min and moe.capacity.k_max are required for schedule {c.schedule!r}")
-    _require(c.k_min >= 1, f"moe.capacity.k_min={c.k_min:g} must be >= 1")
-    _require(c.k_max >= c.k_min, f"moe.capacity.k_max={c.k_max:g} must be >= moe.capacity.k_min={c.k_min:g}")
-    _require(c.k_max <= e.num_experts,
-             f"moe.capacity.k_max={c.k_max:g} exceeds moe.num_experts={e.num_experts}")
-    _require(c.sigma > 0, f"moe.capacity.sigma={c.sigma} must be > 0")
-    _require(c.flop_match in ("check", "off", "solve"),
-             f"moe.capacity.flop_match={c.flop_match!r} must be check, off or solve")
-    _require(c.rounding in ("half_up", "half_even"),
-             f"moe.capacity.rounding={c.rounding!r} must be half_up or half_even")
-    if c.schedule == "piecewise":
-        pts = c.points or []
-        _require(len(pts) >= 2, "moe.capacity.points needs at least two [r, s] points for piecewise")
-        rs = [float(p[0]) for p in pts]
-        _require(rs[0] == 0.0 and rs[-1] == 1.0 and all(a < b for a, b in zip(rs, rs[1:])),
-                 f"moe.capacity.points r values {rs} must increase strictly from 0 to 1")
-        _require(all(0.0 <= float(p[1]) <= 1.0 for p in pts), "moe.capacity.points s values must be in [0, 1]")
 
 
 def validate_diffusion(d: DiffusionConfig) -> None:

@@ -43,7 +43,7 @@
 #                 scratch file system; unset: the trainer's default runs/$RUN_NAME in the repo
 #   OVERRIDES     extra dotted key=value trainer arguments, word-split (last one wins)
 #   WANDB_PROJECT passed as wandb.project=$WANDB_PROJECT when set
-#   TRAIN_CMD     the program that receives the trainer arguments (default `python trainer/main.py`);
+#   TRAIN_CMD     the program that receives the trainer arguments (default `python train.py`);
 #                 the tests replace it with a fake trainer. Word-split, run from the repo root.
 #   SRUN_ARGS     extra srun options, word-split (e.g. "--label" or "--wait=300")
 #   ECDLM_MASTER_PORT  force the rendezvous port
@@ -129,7 +129,7 @@ ecdlm_train() {
   CONFIG=${CONFIG:?CONFIG must be set by the job script or the environment}
   DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
   RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
-  TRAIN_CMD=${TRAIN_CMD:-python trainer/main.py}
+  TRAIN_CMD=${TRAIN_CMD:-python train.py}
   export CONFIG DS_CONFIG RUN_NAME
 
   local restarts=${SLURM_RESTART_COUNT:-0}

@@ -25,6 +25,9 @@ from typing import Iterator, Optional
 import torch
 
 from model.config import ConfigError, ModelConfig
+from rundir.state import checkpoint_and_config, iter_model_state
+
+from .hooks import RunHooks
 
 log = logging.getLogger("ecdlm")
 
@@ -39,14 +42,12 @@ def source_kind(path: str) -> str:
     return "hf" if os.path.exists(os.path.join(path, "config.json")) else "ecdlm"
 
 
-def read_source(path: str) -> tuple[Optional[ModelConfig], Iterator[tuple[str, torch.Tensor]]]:
-    """(the source's ModelConfig, (name, full tensor) pairs in ecdlm's naming)."""
-    # evaluation/ owns reading finished checkpoints and Hugging Face directories
+def read_source(path: str, hooks: RunHooks) -> tuple[Optional[ModelConfig], Iterator[tuple[str, torch.Tensor]]]:
+    """(the source's ModelConfig, (name, full tensor) pairs in ecdlm's naming). Hugging Face
+    directories are read by the reader the entry point handed over (evaluation/hf owns them)."""
     if source_kind(path) == "hf":
-        from evaluation.hf.importer import load_hf_dir
-        mc, state = load_hf_dir(path)
+        mc, state = hf_reader(hooks, path)[0](path)
         return mc, iter(state.items())
-    from evaluation.loading import checkpoint_and_config, iter_model_state
     try:
         ckpt, run_cfg = checkpoint_and_config(path)
     except FileNotFoundError as err:
@@ -81,11 +82,18 @@ def full_shape(name: str, local: torch.Tensor, num_experts: int, rows: dict) -> 
     return (num_experts, *local.shape[1:]) if name in rows else tuple(local.shape)
 
 
-def load_initial_weights(model, cfg, path: str) -> dict:
+def hf_reader(hooks: RunHooks, path: str) -> tuple:
+    if hooks.read_hf_dir is None or hooks.check_hf_dir is None:
+        raise ConfigError(f"init.from={path} is a Hugging Face directory, and this entry point reads none "
+                          f"(start the run with train.py, or import it first: python -m evaluation.hf import)")
+    return hooks.read_hf_dir, hooks.check_hf_dir
+
+
+def load_initial_weights(model, cfg, path: str, hooks: RunHooks = RunHooks()) -> dict:
     """Copy the source's weights into `model` (before DeepSpeed wraps it), one tensor at a time.
     Returns {"loaded": n, "dropped": [names], "source_router": ...}. Raises ConfigError naming
     every mismatch (the half-filled model is then never used: the run stops)."""
-    source_cfg, tensors = read_source(path)
+    source_cfg, tensors = read_source(path, hooks)
     check_compatible(source_cfg, cfg.model_config, path)
     target = model.state_dict()
     rows = expert_rows(model)
@@ -128,14 +136,12 @@ def load_initial_weights(model, cfg, path: str) -> dict:
     return report
 
 
-def check_init_source(path: str, target: ModelConfig) -> None:
+def check_init_source(path: str, target: ModelConfig, hooks: RunHooks = RunHooks()) -> None:
     """Preflight: the source exists and is readable as what it claims to be, and its token ids
     agree, without reading any weights (shapes are checked tensor by tensor when they load)."""
     if source_kind(path) == "hf":
-        from evaluation.hf.importer import read_config_json
-        read_config_json(path)
+        hf_reader(hooks, path)[1](path)
         return
-    from evaluation.loading import checkpoint_and_config
     try:
         _, run_cfg = checkpoint_and_config(path)
     except FileNotFoundError as err:

@@ -9,7 +9,7 @@ they are doing, and exits 1 (sigkill_handler), so the documented 86 cannot come 
 Nothing outside DeepSpeed can change those two, so each rank watches its launcher: when
 launch.py's parent (the runner) or launch.py itself is gone, the rank acts as if SIGTERM had
 arrived: it finishes the step, checkpoints with the others and exits 86. The command that keeps
-86 visible is to signal the ranks instead (README, "Faults and exit statuses").
+86 visible is to signal the ranks instead (docs/operations.md, "Faults and exit statuses").
 """
 from __future__ import annotations
 

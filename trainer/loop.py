@@ -11,11 +11,10 @@ import time
 
 import torch
 
-from evaluation.loading import load_tokenizer
-from evaluation.tasks import evaluate_tasks
 
 from . import watchdog
-from .config import RunConfig
+from .hooks import RunHooks
+from rundir.config import RunConfig
 from .distributed import comm_device
 from .engine.nonfinite import StepGuard, StepHealth, describe
 from .engine.parallel import group_timeouts, set_comm_timeout
@@ -57,9 +56,11 @@ def train_step(s: Session, step: int, stats: StepStats, bias: ExpertBiasBalancer
     return health
 
 
-def train(s: Session) -> int:
+def train(s: Session, evaluate_tasks=None) -> int:
     """The loop. Returns the exit status: 0, a preemption code after a checkpoint, or
-    EXIT_DIVERGED after a non-finite step the policy (train.nonfinite) does not skip."""
+    EXIT_DIVERGED after a non-finite step the policy (train.nonfinite) does not skip.
+    `evaluate_tasks(model, step, rank, world) -> row` is the in-training evaluation the entry point
+    handed over (RunHooks.evaluate), called on every rank after every step, or None."""
     cfg, t = s.cfg, s.cfg.train
     G, L = t.global_batch_size, t.seq_len
     metrics = build_metrics(cfg, s.run_dir, s.rank, s.start_step)
@@ -78,14 +79,12 @@ def train(s: Session) -> int:
     layer_ids = [layer.layer_idx for layer in s.model.moe_layers()]
     step, exit_code = s.start_step, 0
 
-    task_tokenizer = load_tokenizer(cfg.data.path) if cfg.eval.tasks else None
-
     def run_eval() -> None:
         row = evaluate(s.model, s.val_batches, cfg, s.rank, s.world, s.device)
         metrics.log({"step": step, "tokens": step * G * L, **row})
 
     def run_tasks() -> None:   # collective: every rank calls it every step; no-op unless a task is due
-        row = evaluate_tasks(s.model, cfg.eval.tasks, task_tokenizer, step, s.rank, s.world)
+        row = evaluate_tasks(s.model, step, s.rank, s.world)
         if row:
             metrics.log({"step": step, "tokens": step * G * L, **row})
 
@@ -117,7 +116,7 @@ def train(s: Session) -> int:
                 break
             if step % t.eval_every == 0 or step == t.max_steps:
                 run_eval()
-            if cfg.eval.tasks:
+            if evaluate_tasks is not None:
                 run_tasks()
             exit_code = watcher.agreed_exit_code(health.flags)
             if exit_code or step % t.save_every == 0 or step == t.max_steps:
@@ -155,11 +154,12 @@ def nonfinite_verdict(t, step: int, health: StepHealth, in_row: int, rank: int) 
     return 0
 
 
-def run(cfg: RunConfig, ds_config_path: str) -> int:
+def run(cfg: RunConfig, ds_config_path: str, hooks: RunHooks = RunHooks()) -> int:
+    """A whole training run; `hooks` carry what the entry point adds (in-training evaluation)."""
     set_comm_timeout(cfg.train.comm_timeout_s)   # before any process group exists
-    session = setup(cfg, ds_config_path)
+    session = setup(cfg, ds_config_path, hooks)
     log.info("collective timeouts: %s", ", ".join(f"{k} {v.total_seconds():g} s" for k, v in group_timeouts().items()))
-    return train(session)
+    return train(session, hooks.evaluate)
 
 
 def metrics_row(cfg: RunConfig, r: WindowStats, step: int, lr: float, world: int, peak, device,

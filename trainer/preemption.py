@@ -9,7 +9,7 @@ status the SLURM script understands:
     EXIT_HANG (88)     no step completed within the watchdog's budget (trainer/watchdog.py):
                        stacks dumped, please requeue
 
-The handlers are installed first thing in trainer/main.py (`install_handlers`), so a signal
+The handlers are installed first thing in train.py (`install_handlers`), so a signal
 during set-up or resume is kept and acted on after the first step, not fatal. Ranks may receive
 the signal at different times (or only some of them), so the flags are MAX-reduced once per
 step, inside the step's non-finite check (trainer/engine/nonfinite.py) when the optimizer has
@@ -58,7 +58,7 @@ class PreemptionWatcher:
         MAX-reduced this step (the step's non-finite check carries them); without it, a collective
         here. Requeue beats stop, so SLURM's USR1 warning followed by its TERM still requeues."""
         if agreed is None:
-            import torch   # here, so that trainer/main.py can install the handlers before torch loads
+            import torch   # here, so that train.py can install the handlers before torch loads
             import torch.distributed as dist
 
             from .distributed import comm_device

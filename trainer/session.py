@@ -17,12 +17,13 @@ from trainer.data import (PackedLoader, SFTLoader, TokenStore, check_vocab, data
                           fixed_sft_eval_batches)
 from trainer.data.sft_loader import SFTExamples
 
-from . import checkpoints
-from .config import RunConfig, resolve_mode, save_config
+from rundir import checkpoints
+from rundir.config import RunConfig, resolve_mode, save_config
 from .engine import checkpoint as engine_ckpt
 from .engine.build import build_engine
 from .engine.ds_config import load_ds_config, resolve_ds_config
 from .engine.parallel import init_distributed
+from .hooks import RunHooks
 from .init_weights import check_init_source
 
 log = logging.getLogger("ecdlm")
@@ -33,7 +34,7 @@ def setup_logging(rank: int) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-def preflight(cfg: RunConfig, ds_config_path: str) -> tuple:
+def preflight(cfg: RunConfig, ds_config_path: str, hooks: RunHooks = RunHooks()) -> tuple:
     """Everything checkable before processes talk to each other: fail fast, name the problem.
     Every rank runs it on the same files, so every rank reaches the same verdict and the same
     checkpoint to resume from. Returns (the config with train.mode resolved from the data,
@@ -52,9 +53,7 @@ def preflight(cfg: RunConfig, ds_config_path: str) -> tuple:
     for split in ("train", "val"):   # every file present and as long as meta.json says
         split_dir = os.path.join(cfg.data.path, split)
         TokenStore(split_dir) if cfg.train.mode == "pretrain" else SFTExamples(split_dir, cfg.train.seq_len)
-    if cfg.eval.tasks:
-        from evaluation.tasks import check_tasks   # the task files, before anything expensive
-        check_tasks(cfg.eval.tasks)
+    hooks.check(cfg)   # the in-training evaluation's files, before anything expensive
     stage = ds_raw.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2):
         raise ConfigError(f"{ds_config_path}: zero_optimization.stage={stage}; ecdlm's checkpoints need ZeRO "
@@ -63,7 +62,7 @@ def preflight(cfg: RunConfig, ds_config_path: str) -> tuple:
     if resume:
         checkpoints.check_resumable(cfg, resume)
     elif cfg.init.source:
-        check_init_source(cfg.init.source, cfg.model_config)
+        check_init_source(cfg.init.source, cfg.model_config, hooks)
     return cfg, ds_raw, resume
 
 
@@ -122,9 +121,9 @@ def open_data(cfg: RunConfig, rank: int, world: int) -> tuple:
     return loader, eval_batches(val_dir, t.seq_len, cfg.eval.batch_size, cfg.eval.batches)
 
 
-def setup(cfg: RunConfig, ds_config_path: str) -> Session:
+def setup(cfg: RunConfig, ds_config_path: str, hooks: RunHooks = RunHooks()) -> Session:
     """Checks, process groups, model, DeepSpeed engine, data, and resume."""
-    cfg, ds_raw, resume = preflight(cfg, ds_config_path)
+    cfg, ds_raw, resume = preflight(cfg, ds_config_path, hooks)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
@@ -145,7 +144,7 @@ def setup(cfg: RunConfig, ds_config_path: str) -> Session:
     init_from = None if resume else cfg.init.source
     if resume and cfg.init.source:
         log.info("init.from=%s not used: resuming from the run's own checkpoint %s", cfg.init.source, resume)
-    built = build_engine(cfg, ds, init_from=init_from)
+    built = build_engine(cfg, ds, init_from=init_from, hooks=hooks)
     t = cfg.train
     loader, val_batches = open_data(cfg, rank, world)
     session = Session(cfg=cfg, engine=built.engine, model=built.model, scheduler=built.scheduler, loader=loader,

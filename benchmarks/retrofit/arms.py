@@ -44,7 +44,7 @@ def start(run_dir: str, over: dict, log_path: str, config: str = "configs/tiny.y
     """The trainer as one rank, output to `log_path`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    cmd = [sys.executable, "trainer/main.py", "--ds_config", "ds_configs/zero2.json", "--config", config,
+    cmd = [sys.executable, "train.py", "--ds_config", "ds_configs/zero2.json", "--config", config,
            *to_args({"train.output_dir": run_dir, "wandb.mode": "disabled", **over})]
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     log = open(log_path, "w")

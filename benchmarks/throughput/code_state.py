@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CODE_DIRS = ("model", "trainer", "evaluation", "configs", "ds_configs")   # all that `trainer/main.py` runs
+CODE_DIRS = ("model", "rundir", "trainer", "evaluation", "configs", "ds_configs", "train.py")   # all that `train.py` runs
 
 
 def model_sha(root: Path = ROOT) -> str:
@@ -32,5 +32,8 @@ def snapshot_code(dest: str) -> str:
     """Copy the sources the trainer runs to `dest`, so that every run of one benchmark executes the
     same code even while someone edits the working tree. Returns the snapshot's model/ sha."""
     for d in CODE_DIRS:
+        if (ROOT / d).is_file():
+            shutil.copy2(ROOT / d, os.path.join(dest, d))
+            continue
         shutil.copytree(ROOT / d, os.path.join(dest, d), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return model_sha(Path(dest))

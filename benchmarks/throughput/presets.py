@@ -24,7 +24,7 @@ DEFAULT_IMPLS = ("ec", "tc_cf1", "tc_dropless", "dense", "ec_dynamic")
 # the FFN (the part EC, TC and dense differ in) is a real share of the step. `fine` has the
 # reference setup's fine-grained experts (owt_ec.yaml: 512 experts of width 0.75 d, k=20, 2
 # shared, routed width 15 d) scaled to a CPU: 64 experts of width 0.5 d, k=8, 2 shared, so the
-# routed FFN (4 d wide) is most of the step; see README.
+# routed FFN (4 d wide) is most of the step; see benchmarks/RESULTS.md.
 PRESETS = {
     "tiny": [],
     "ffn": ["model.d_model=256", "moe.expert_hidden=256",
@@ -67,7 +67,7 @@ def in_code(args, path: str) -> str:
 
 
 def load_run_config(args, impl: str, run_dir: str = "unused"):
-    from trainer.config import load_config
+    from rundir.config import load_config
     base = common_overrides(args, run_dir)
     path = in_code(args, args.config)
     cfg = load_config(path, tuple(base))

@@ -1,4 +1,4 @@
-"""The multi-process measurement: one `deepspeed --num_gpus N trainer/main.py` run per
+"""The multi-process measurement: one `deepspeed --num_gpus N train.py` run per
 implementation and round, watched by RunMonitor; the trainer's own logged windows
 (`perf/step_s`, `perf/rank_spread_s`) after the warm-up are the samples, and a window during which
 other processes used more than --max-foreign cores does not count."""
@@ -25,7 +25,7 @@ def launch(args, impl: str, run_dir: str) -> tuple[float, float, dict]:
     cfg = load_run_config(args, impl, run_dir)
     overrides = common_overrides(args, run_dir) + impl_overrides(impl, cfg)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.nproc),
-           "--master_port", str(free_port()), "trainer/main.py", "--ds_config", in_code(args, args.ds_config),
+           "--master_port", str(free_port()), "train.py", "--ds_config", in_code(args, args.ds_config),
            "--config", in_code(args, args.config), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     os.makedirs(run_dir, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .safetensors_io import parse_size
+from rundir.safetensors_io import parse_size
 
 
 def _parser() -> argparse.ArgumentParser:

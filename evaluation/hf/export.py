@@ -19,7 +19,7 @@ import torch
 from model.config import ModelConfig
 
 from . import ecdlm_format, llada_moe
-from .safetensors_io import ShardedWriter
+from rundir.safetensors_io import ShardedWriter
 from .tokenizer import export_tokenizer
 
 FORMATS = ("ecdlm", "llada-moe")
@@ -44,7 +44,7 @@ def model_config_of(cfg) -> ModelConfig:
 
 def export(run_or_ckpt: str, out_dir: str, fmt: str = "ecdlm", dtype: str = "float32",
            max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer_dir: Optional[str] = None) -> ExportResult:
-    from evaluation.loading import checkpoint_and_config, iter_model_state
+    from rundir.state import checkpoint_and_config, iter_model_state
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r} must be one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -92,8 +92,8 @@ def remove_old_weights(out_dir: str) -> None:
 
 
 def _eos_id(tok_src: Optional[str]) -> Optional[int]:
-    from evaluation.loading import load_tokenizer
+    from rundir.tokenizer import data_tokenizer
     try:
-        return load_tokenizer(tok_src).eod_id if tok_src else None
+        return data_tokenizer(tok_src).eod_id if tok_src else None
     except (OSError, ValueError):   # the run's tokenizer is not on this machine: no eos in config
         return None

@@ -18,7 +18,7 @@ from model.config import ModelConfig
 
 from . import ecdlm_format, llada_moe
 from .llada_moe import FormatError
-from .safetensors_io import iter_safetensors_dir, shard_files
+from rundir.safetensors_io import iter_safetensors_dir, shard_files
 from .tokenizer import mask_id_from_dir
 
 

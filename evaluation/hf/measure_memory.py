@@ -3,7 +3,7 @@
 Writes a synthetic checkpoint of a ~0.9B-parameter MoE (3.6 GB fp32; experts split over two
 ranks' fragment files, as an ep=2 run leaves them) in the trainer's checkpoint format, then runs
 `python -m evaluation.hf export` on it in a child process and reports that process's peak
-resident memory (ru_maxrss) against the model's size. Numbers, not assertions: see README.
+resident memory (ru_maxrss) against the model's size. Numbers, not assertions: see benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import time
 import yaml
 
 from model import DiffusionTransformer, ModelConfig, from_dict
-from trainer.checkpoint_store import WEIGHTS, FragmentWriter
-from trainer.checkpoints import write_manifest
+from rundir.checkpoint_store import WEIGHTS, FragmentWriter
+from rundir.checkpoints import write_manifest
 
 ARCH = {"model": {"vocab_size": 32000, "d_model": 1024, "n_layers": 8, "n_heads": 8, "max_seq_len": 512},
         "moe": {"router": "expert_choice", "num_experts": 64, "expert_hidden": 512, "k": 8}}

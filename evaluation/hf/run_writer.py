@@ -13,12 +13,12 @@ from typing import Optional
 
 import yaml
 
-from trainer.checkpoints import file_digest, tag_for, write_manifest
-from trainer.config import load_config
+from rundir.checkpoints import file_digest, tag_for, write_manifest
+from rundir.config import load_config
 
 from .ecdlm_format import sections
 from .importer import load_hf_dir
-from .safetensors_io import INDEX, ShardedWriter
+from rundir.safetensors_io import INDEX, ShardedWriter
 from .tokenizer import copy_tokenizer_files
 
 

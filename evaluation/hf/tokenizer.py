@@ -96,14 +96,14 @@ def export_tokenizer(data_dir: str, out_dir: str, mc) -> list:
     """Write the run's tokenizer into an export directory: HF tokenizer files are copied, a
     sentencepiece model is converted (and its ids checked against sentencepiece on sample text).
     Returns the files written, [] when the run's tokenizer is not on this machine."""
-    from evaluation.loading import resolve_path
+    from rundir.state import resolve_path
     src = resolve_path(data_dir)
     if os.path.exists(os.path.join(src, "tokenizer.json")):
         return copy_tokenizer_files(src, out_dir)
     model_file = os.path.join(src, "tokenizer.model")
     if not os.path.exists(model_file):
         return []
-    from trainer.data.tokenizer import load_tokenizer
+    from rundir.tokenizer import load_tokenizer
     sp, info = load_tokenizer(model_file)
     with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
         f.write(sentencepiece_to_tokenizer_json(sp))

@@ -14,9 +14,27 @@ static k it replaces, computed here by fine quadrature that includes the roundin
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
+
+from ..errors import ConfigError, require as _require
+
+
+@dataclass
+class CapacityConfig:
+    """Timestep-aware expert-choice capacity: k_b = clamp(round(k_min + (k_max-k_min) s(r_b)))."""
+    schedule: Literal["static", "linear", "linear_reverse", "cosine", "cosine_reverse", "bell",
+                      "gaussian", "gaussian_reverse", "piecewise"] = "static"
+    k_min: Optional[float] = None       # defaults to moe.k for `static`
+    k_max: Optional[float] = None       # float so `flop_match: solve` can land between integers
+    k_target: Optional[float] = None    # expected k to match; defaults to moe.k
+    sigma: float = 0.22                 # width of the `gaussian` schedules
+    points: Optional[list] = None       # `piecewise`: [[r, s], ...], r ascending over [0, 1]
+    flop_match: Literal["check", "off", "solve"] = "check"
+    # half_up: ecdlm's floor(x + 0.5); half_even: torch.round, as EC-DLM (differs only at exact .5)
+    rounding: Literal["half_up", "half_even"] = "half_up"
 
 SCHEDULES = ("static", "linear", "linear_reverse", "cosine", "cosine_reverse", "bell",
              "gaussian", "gaussian_reverse", "piecewise")
@@ -173,3 +191,45 @@ def check_flop_match(cap: TimestepCapacity, c) -> None:
             f"schedule {c.schedule!r} with k_min={c.k_min:g}, k_max={c.k_max:g} has "
             f"expected k={ek:.3f}, but moe.capacity.k_target={c.k_target:g} (differs by more than 1%); "
             f"set moe.capacity.flop_match=solve to adjust k_max, or flop_match=off to accept it")
+
+
+# ---- the config's checks, beside the schedule they describe (model/config.py calls them) -------
+def check_capacity_ranges(e) -> None:
+    """moe.capacity's values are in range (after defaults are filled)."""
+    c = e.capacity
+    _require(c.k_min is not None and c.k_max is not None,
+             f"moe.capacity.k_min and moe.capacity.k_max are required for schedule {c.schedule!r}")
+    _require(c.k_min >= 1, f"moe.capacity.k_min={c.k_min:g} must be >= 1")
+    _require(c.k_max >= c.k_min, f"moe.capacity.k_max={c.k_max:g} must be >= moe.capacity.k_min={c.k_min:g}")
+    _require(c.k_max <= e.num_experts,
+             f"moe.capacity.k_max={c.k_max:g} exceeds moe.num_experts={e.num_experts}")
+    _require(c.sigma > 0, f"moe.capacity.sigma={c.sigma} must be > 0")
+    _require(c.flop_match in ("check", "off", "solve"),
+             f"moe.capacity.flop_match={c.flop_match!r} must be check, off or solve")
+    _require(c.rounding in ("half_up", "half_even"),
+             f"moe.capacity.rounding={c.rounding!r} must be half_up or half_even")
+    if c.schedule == "piecewise":
+        pts = c.points or []
+        _require(len(pts) >= 2, "moe.capacity.points needs at least two [r, s] points for piecewise")
+        rs = [float(p[0]) for p in pts]
+        _require(rs[0] == 0.0 and rs[-1] == 1.0 and all(a < b for a, b in zip(rs, rs[1:])),
+                 f"moe.capacity.points r values {rs} must increase strictly from 0 to 1")
+        _require(all(0.0 <= float(p[1]) <= 1.0 for p in pts), "moe.capacity.points s values must be in [0, 1]")
+
+
+def resolve_capacity(moe_cfg) -> TimestepCapacity:
+    """The schedule of an expert-choice `moe` section whose capacity defaults are filled: ranges
+    checked, and for `flop_match: solve` k_max solved. Errors are ConfigErrors naming moe.capacity."""
+    check_capacity_ranges(moe_cfg)
+    try:
+        return solve_capacity(moe_cfg) if moe_cfg.capacity.flop_match == "solve" else build_capacity(moe_cfg)
+    except (FlopMatchError, ValueError) as err:
+        raise ConfigError(f"moe.capacity: {err}") from None
+
+
+def validate_capacity(cap: TimestepCapacity, c: CapacityConfig) -> None:
+    """`check_flop_match` as a ConfigError naming moe.capacity."""
+    try:
+        check_flop_match(cap, c)
+    except FlopMatchError as err:
+        raise ConfigError(f"moe.capacity: {err}") from None

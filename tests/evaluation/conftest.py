@@ -68,7 +68,7 @@ def start_run(data, run_dir, **extra) -> subprocess.Popen:
                                             "train.save_every": 1000, **extra})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    cmd = [sys.executable, "trainer/main.py", "--ds_config", "ds_configs/zero2.json", "--config", "configs/tiny.yaml",
+    cmd = [sys.executable, "train.py", "--ds_config", "ds_configs/zero2.json", "--config", "configs/tiny.yaml",
            *over]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 

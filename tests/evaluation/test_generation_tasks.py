@@ -11,7 +11,7 @@ import torch
 
 from model import DiffusionTransformer
 from model.config import ConfigError
-from trainer.config import EvalTaskConfig
+from evaluation.task_config import EvalTaskConfig
 from evaluation.generation_tasks import (GenItem, completion_text, evaluate_generation, exact_match,
                                          extract_answer, load_generation_jsonl, prompt_ids, sample_config)
 from evaluation.sample import generate

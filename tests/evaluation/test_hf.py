@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from model import DiffusionTransformer, from_dict
 from model.config import ModelConfig
 from tests.trainer.launch import ROOT
-from trainer.config import load_config
+from rundir.config import load_config
 
 from evaluation.hf.importer import load_hf_dir
 from evaluation.hf.llada_moe import FormatError, llada_config, llada_tensors
-from evaluation.hf.safetensors_io import read_safetensors_dir
+from rundir.safetensors_io import read_safetensors_dir
 
 MASK = 30
 
@@ -509,8 +509,8 @@ def test_trained_runs_load_through_transformers_match_logits_and_sample_the_same
 
 
 def test_sharded_export_reloads_to_the_same_state(runs, tmp_path):
-    from evaluation.loading import full_model_state
-    from evaluation.hf.safetensors_io import INDEX
+    from rundir.state import full_model_state
+    from rundir.safetensors_io import INDEX
     export_cli(runs["tc"], tmp_path / "sharded", "--max-shard-size", "50KB")
     index = json.load(open(tmp_path / "sharded" / INDEX))
     files = set(index["weight_map"].values())
@@ -552,8 +552,8 @@ def test_prepare_with_a_tokenizer_json_writes_the_same_tokens_as_the_sentencepie
     """The converted tokenizer.json (what an ecdlm export ships) given to `trainer.data prepare
     --tokenizer` yields byte-identical shards, and the evaluation loader reads it."""
     from evaluation.hf.tokenizer import sentencepiece_to_tokenizer_json
-    from evaluation.loading import load_tokenizer
-    from trainer.data.tokenizer import load_tokenizer as load_sp
+    from rundir.tokenizer import data_tokenizer
+    from rundir.tokenizer import load_tokenizer as load_sp
     sp, info = load_sp(str(small_corpus / "tokenizer.model"))
     tok_json = tmp_path / "tokenizer.json"
     tok_json.write_text(sentencepiece_to_tokenizer_json(sp))
@@ -568,7 +568,7 @@ def test_prepare_with_a_tokenizer_json_writes_the_same_tokens_as_the_sentencepie
         assert ours == theirs and ours
         for rel in ours:
             assert (out / rel).read_bytes() == (small_corpus / rel).read_bytes(), rel
-    hf = load_tokenizer(str(tmp_path))   # a directory holding only tokenizer.json
+    hf = data_tokenizer(str(tmp_path))   # a directory holding only tokenizer.json
     assert (hf.pad_id, hf.eod_id, hf.mask_id, hf.vocab_size) == (info.pad_id, info.eod_id, info.mask_id, info.vocab_size)
     text = "def add(a, b):\n    return a + b  # 42\n\tüñí 🙂"
     assert hf.encode(text) == list(sp.encode(text)) and hf.decode(hf.encode(text)) == text

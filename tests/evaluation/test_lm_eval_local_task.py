@@ -13,7 +13,7 @@ from evaluation.generation_tasks import GenItem, evaluate_generation, reference_
 from evaluation.lm_eval_local_task import main, target_template, write_task
 from tests.evaluation.test_generation_tasks import GSM, colour_items, train_colour_model
 from tests.evaluation.test_multiple_choice import make_task
-from trainer.config import EvalTaskConfig
+from evaluation.task_config import EvalTaskConfig
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,10 @@ def colour_checkpoint(tmp_path_factory):
     from safetensors.torch import save_file
 
     from evaluation.hf.ecdlm_format import sections
-    from evaluation.loading import Tokenizer
-    from trainer.checkpoints import COMPLETE, tag_for
-    from trainer.data.tokenizer import load_tokenizer, train_tokenizer
+    from rundir.tokenizer import Tokenizer
+    from rundir.checkpoints import COMPLETE, tag_for
+    from rundir.tokenizer import load_tokenizer
+    from trainer.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("colour_gen_run")
     mc = make_task()

@@ -109,10 +109,11 @@ def colour_run(tmp_path_factory):
     from safetensors.torch import save_file
 
     from evaluation.hf.ecdlm_format import sections
-    from evaluation.loading import Tokenizer
+    from rundir.tokenizer import Tokenizer
     from evaluation.multiple_choice import continuation, single_mask_prompt
-    from trainer.checkpoints import COMPLETE, tag_for
-    from trainer.data.tokenizer import load_tokenizer, train_tokenizer
+    from rundir.checkpoints import COMPLETE, tag_for
+    from rundir.tokenizer import load_tokenizer
+    from trainer.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("colour_run")
     items = make_task()

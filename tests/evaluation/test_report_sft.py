@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from evaluation.report import build_report, load_runs, swap_table
-from trainer.config import load_config, save_config
+from rundir.config import load_config, save_config
 
 
 def fake_run(path, rows, **over):

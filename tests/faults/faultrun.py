@@ -41,7 +41,7 @@ class Run:
     @classmethod
     def deepspeed(cls, nproc: int, args: list, ds_config: str = "ds_configs/zero2.json", env: dict = None):
         return cls([str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-                    "trainer/main.py", "--ds_config", ds_config, "--config", "configs/tiny.yaml", *args], env)
+                    "train.py", "--ds_config", ds_config, "--config", "configs/tiny.yaml", *args], env)
 
     def ranks(self) -> dict:
         """{rank: psutil.Process} of the trainer processes under this launcher."""
@@ -52,7 +52,7 @@ class Run:
             return out
         for p in kids:
             try:
-                if any(part.endswith("trainer/main.py") for part in p.cmdline()):
+                if any(part.endswith("train.py") for part in p.cmdline()):
                     env = p.environ()
                     rank = env.get("RANK") or env.get("PMI_RANK")
                     if rank is not None:

@@ -6,7 +6,7 @@ import pytest
 
 from model.config import ConfigError
 from tests.faults.faultrun import Run, first_error_line, overrides
-from trainer.config import load_config, parse_value
+from rundir.config import load_config, parse_value
 
 GROUP_STARTED = "Initializing TorchBackend"
 

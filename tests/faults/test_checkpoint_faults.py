@@ -14,7 +14,7 @@ import sys
 
 from tests.faults.faultrun import Run, complete_steps, first_error_line, overrides
 from tests.trainer.launch import ROOT
-from trainer.checkpoints import file_digest, write_manifest
+from rundir.checkpoints import file_digest, write_manifest
 
 EXIT_SAVE_FAILED = 89
 
@@ -33,7 +33,7 @@ def test_truncated_newest_checkpoint_is_named_and_skipped(small_corpus, tmp_path
     victim = run_dir / "checkpoints" / "step_00000004" / "tensors" / "rank00001.safetensors"
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
-    rc = subprocess.run([sys.executable, "-m", "trainer.checkpoints", "verify", str(run_dir)], cwd=ROOT,
+    rc = subprocess.run([sys.executable, "-m", "rundir.checkpoints", "verify", str(run_dir)], cwd=ROOT,
                         capture_output=True, text=True)
     assert rc.returncode == 1 and "DAMAGED" in rc.stdout and "step_00000004" in rc.stdout, rc.stdout
     rc, text = _train(small_corpus, run_dir, 6)
@@ -106,7 +106,7 @@ def test_a_save_that_runs_out_of_space_stops_cleanly(small_corpus, tmp_path):
     rc, text = _train(small_corpus, run_dir, 2, nproc=1)
     assert rc == 0 and complete_steps(run_dir) == [2], text[-4000:]
     before = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000002").rglob("*"))
-    args = [sys.executable, "trainer/main.py", "--ds_config", "ds_configs/zero2.json", "--config",
+    args = [sys.executable, "train.py", "--ds_config", "ds_configs/zero2.json", "--config",
             "configs/tiny.yaml", *overrides(small_corpus, run_dir, **{"train.max_steps": 4, "train.save_every": 2})]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(29500 + os.getpid() % 1000)}

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from evaluation.loading import full_model_state
+from rundir.state import full_model_state
 from tests.faults.faultrun import Run, complete_steps, first_error_line, overrides
 from tests.trainer.launch import read_metrics
 

@@ -68,7 +68,7 @@ def test_sigterm_to_the_deepspeed_runner_leaves_no_orphan(small_corpus, tmp_path
 
 def test_sigterm_to_mpiexec_reaches_every_rank(small_corpus, tmp_path):
     run_dir = tmp_path / "mpi"
-    run = Run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "trainer/main.py", "--config", "configs/tiny.yaml",
+    run = Run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "train.py", "--config", "configs/tiny.yaml",
                *overrides(small_corpus, run_dir, **{"train.max_steps": 200, "train.save_every": 100})],
               env={"MASTER_PORT": str(free_port())})
     run.wait_for_step(run_dir, 1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import ConfigError, ModelConfig, from_dict
-from model.moe import TimestepCapacity
+from model.moe.capacity import TimestepCapacity
 
 R = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
 EXPECTED_S = {   # s(0), s(0.5), s(1) from the definitions

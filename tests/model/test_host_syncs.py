@@ -64,7 +64,7 @@ def test_expert_parallel_path_reads_each_split_size_once():
     sizes in one transfer; EC linear_reverse reads its capacities and then every rank's."""
     from benchmarks.host_syncs import expert_parallel_layer_syncs
     from model import ModelConfig, from_dict
-    from model.moe import MoELayer
+    from model.moe.layer import MoELayer
     expected = {"ec_static": ({"router": "expert_choice"}, 0),
                 "ec_linear_reverse": ({"router": "expert_choice",
                                        "capacity": {"schedule": "linear_reverse", "k_min": 2, "k_max": 6}}, 2),

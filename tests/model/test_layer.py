@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from model import ModelConfig, from_dict
-from model.moe import MoELayer
+from model.moe.layer import MoELayer
 from tests.distributed import run_distributed
 
 D = 16

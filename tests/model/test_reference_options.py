@@ -116,7 +116,7 @@ def test_gate_scaling_names_and_boolean_aliases(given, resolved):
 
 
 def test_gate_scaling_round_trips_through_saved_yaml(tmp_path):
-    from trainer.config import load_config, save_config
+    from rundir.config import load_config, save_config
     old = tmp_path / "old.yaml"   # a config saved before the names: a boolean
     old.write_text(yaml.safe_dump({"moe": {"gate_scaling": True, "num_shared_experts": 1}}))
     for value, want in ((True, "rms"), ("reference", "reference"), ("off", "off")):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model.moe import expert_choice, switch_aux_loss, token_choice, update_expert_bias, z_loss
+from model.moe.routing import expert_choice, switch_aux_loss, token_choice, update_expert_bias, z_loss
 from model.moe.routing import gate_scale_table
 
 

@@ -5,9 +5,9 @@ Jobs run on CPU-only "nodes": every submission overrides the scripts' GPU defaul
 cluster without GRES, and it beats the ``#SBATCH --gpus-per-node=8`` line).
 
 * plumbing tests replace the trainer by small fake trainers (``TRAIN_CMD``), so they run
-  whether or not trainer/main.py exists;
+  whether or not train.py exists;
 * real-trainer tests follow the trainer contract in slurm/README.md and are skipped, with
-  the reason, while trainer/main.py does not exist.
+  the reason, while train.py does not exist.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> list:
 
 def launch(nproc: int, overrides: list, ds_config: str = "ds_configs/zero2.json",
            config: str = "configs/tiny.yaml", check: bool = True, timeout: int = 600,
-           env: dict = None, script: str = "trainer/main.py") -> subprocess.CompletedProcess:
+           env: dict = None, script: str = "train.py") -> subprocess.CompletedProcess:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
            script, "--ds_config", ds_config, "--config", config, *overrides]
     proc = run_killing_group(cmd, timeout, env={**os.environ, **(env or {})})

@@ -7,9 +7,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from trainer.config import load_config  # noqa: E402
+from rundir.config import load_config  # noqa: E402
 from trainer.engine.checkpoint import save_checkpoint  # noqa: E402
-from trainer.main import parse_args  # noqa: E402
+from train import parse_args  # noqa: E402
 from trainer.session import setup  # noqa: E402
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from evaluation.loading import checkpoint_and_config, full_model_state
+from rundir.state import checkpoint_and_config, full_model_state
 from model import DiffusionTransformer
 from model.config import ConfigError
 from tests.distributed import run_distributed
 from tests.evaluation.conftest import start_run
 from tests.conftest import TC_BIAS   # the tc_run fixture (tests/conftest.py) is a run with these
 from tests.trainer.launch import launch, per_step, tiny_overrides
-from trainer.config import load_config
+from rundir.config import load_config
 from trainer.init_weights import load_initial_weights
 
 def target_config(small_corpus, tmp_path, **extra):

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.launch import ROOT, launch, per_step, tiny_overrides
-from trainer.checkpoint_store import EXP_AVG, EXP_AVG_SQ, MASTER, WEIGHTS, FragmentReader
-from trainer.checkpoints import read_state
+from rundir.checkpoint_store import EXP_AVG, EXP_AVG_SQ, MASTER, WEIGHTS, FragmentReader
+from rundir.checkpoints import read_state
 
 HALF, FULL = 6, 12
 # the LR schedule spans all 12 steps in every run, so the halves continue one curve
@@ -121,7 +121,7 @@ def test_zero_to_fp32_in_the_folder_consolidates_an_ep2_checkpoint(base, tmp_pat
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     state = load_file(str(out))
-    from evaluation.loading import full_model_state
+    from rundir.state import full_model_state
     ref = full_model_state(str(ckpt))
     assert sorted(state) == sorted(ref)
     assert all(torch.equal(state[k], ref[k].float()) and state[k].dtype == torch.float32 for k in ref)
@@ -139,7 +139,7 @@ def test_what_cannot_carry_over_is_refused_before_training(base, tmp_path, overr
     run_dir = tmp_path / "run"
     shutil.copytree(base["ec_half"], run_dir)
     args = tiny_overrides(base["corpus"], run_dir, **{**COMMON, "train.max_steps": FULL}) + [override]
-    proc = subprocess.run([sys.executable, "trainer/main.py", "--config", "configs/tiny.yaml", *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     first = proc.stderr.strip().splitlines()[-1]

@@ -15,7 +15,7 @@ from evaluation.generation_tasks import evaluate_generation, load_generation_jso
 from evaluation.loading import load_run
 from tests.evaluation.conftest import start_run
 from tests.trainer.launch import per_step
-from trainer.config import EvalTaskConfig
+from evaluation.task_config import EvalTaskConfig
 
 SEQ_LEN, GEN = 16, 8   # "copy 12345 =" is 8 tokens; the answer, its space and end-of-text fill the rest
 STEPS = 200

@@ -7,7 +7,7 @@ import yaml
 
 from model import ConfigError
 from tests.trainer.test_cli import run_main
-from trainer.config import load_config, resolve_mode
+from rundir.config import load_config, resolve_mode
 
 
 def test_auto_mode_follows_the_data_and_sets_the_rule():

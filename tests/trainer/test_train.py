@@ -65,7 +65,7 @@ def test_checkpoint_holds_every_expert_exactly_once(runs):
     ckpt = runs["ep2"] / "checkpoints" / "step_00000010"
     assert (ckpt / "COMPLETE").exists()
     assert (runs["ep2"] / "checkpoints" / "latest").read_text().strip() == "step_00000010"
-    from trainer.checkpoint_store import WEIGHTS, FragmentReader
+    from rundir.checkpoint_store import WEIGHTS, FragmentReader
     reader = FragmentReader(str(ckpt))
     experts = [n for n in reader.names(WEIGHTS) if ".experts." in n]
     assert experts
@@ -74,7 +74,7 @@ def test_checkpoint_holds_every_expert_exactly_once(runs):
         half = frags[0].numel
         assert [f.start for f in frags] == [0, half] and len({f.file for f in frags}) == 2, name
         assert frags[0].shape[0] == 16, name
-    from evaluation.loading import full_model_state
+    from rundir.state import full_model_state
     state = full_model_state(str(ckpt))
     w = [v for k, v in state.items() if k.endswith("experts.w_in_EDF")]
     assert len(w) == 4 and all(t.shape[0] == 16 for t in w)
@@ -143,7 +143,7 @@ def test_resume_is_exact(small_corpus, tmp_path, router):
         parts = glob.glob(str(split / "wandb" / "offline-run-*"))
         assert len(parts) == 2 and all(p.endswith(run_id) for p in parts), parts
     if router == "token_choice":   # the bias moved, and was restored (else losses would differ)
-        from evaluation.loading import full_model_state
+        from rundir.state import full_model_state
         state = full_model_state(str(split / "checkpoints" / "step_00000008"))
         bias = {k: v for k, v in state.items() if k.endswith("expert_bias")}
         assert bias and any(float(b.abs().sum()) > 0 for b in bias.values())

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from trainer.checkpoints import file_digest, find_checkpoint, prune, write_manifest
+from rundir.checkpoints import file_digest, find_checkpoint, prune, write_manifest
 from trainer.schedule import lr_multiplier
 
 

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported here, not at the top: tokenizer worker processes re-import this module
     # and must not pay for importing datasets.
-    from .errors import DataError
+    from rundir.errors import DataError
     from .prepare import PrepareConfig, prepare
 
     config = PrepareConfig(**{k: v for k, v in vars(args).items() if k != "command"})

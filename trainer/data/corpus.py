@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
-from .errors import DataError
+from rundir.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-from .errors import DataError
+from rundir.errors import DataError
 from .meta import FORMAT_VERSION
 from .packing import PackedSequences
 from .tokens import TokenStore

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from .errors import DataError
+from rundir.errors import DataError
 
 # Bumped whenever the layout of a prepared directory changes incompatibly.
 FORMAT_VERSION = 1

@@ -4,7 +4,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import DataError
+from rundir.errors import DataError
 from .tokens import TokenStore
 
 

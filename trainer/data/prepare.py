@@ -22,7 +22,9 @@ from .prepare_common import (SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenize
                              replace_path, vocabulary_meta)
 from .sft_prepare import prepare_sft
 from .shards import ShardWriter
-from .tokenizer import TokenizerInfo, encode_chunk, init_worker, token_dtype
+from rundir.tokenizer import TokenizerInfo
+
+from .tokenizer import encode_chunk, init_worker, token_dtype
 
 logger = logging.getLogger(__name__)
 

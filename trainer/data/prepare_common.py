@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 from .corpus import Document
-from .errors import DataError
-from .tokenizer import TokenizerInfo, load_tokenizer, train_tokenizer
+from rundir.errors import DataError
+from rundir.tokenizer import TokenizerInfo, load_tokenizer
+
+from .tokenizer import train_tokenizer
 
 logger = logging.getLogger("trainer.data.prepare")
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .errors import DataError
+from rundir.errors import DataError
 from .loader import PrefetchingLoader, check_batch_layout
 from .meta import data_format, load_meta
 from .sft_prepare import EXAMPLES_FILE

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .corpus import Document
-from .errors import DataError
+from rundir.errors import DataError
 from .meta import FORMAT_VERSION, META_FILE, write_json_atomic
 from .prepare_common import (SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenizer, is_val, no_train_docs,
                              replace_path, vocabulary_meta)
@@ -41,7 +41,9 @@ from .sft_records import (
     TOKENIZER_CONFIG, DatasetRecords, JsonlRecords, SFTFields, SFTRecord, SimpleTemplate, render_all,
     resolve_tokenizer, template_for,
 )
-from .tokenizer import TokenizerInfo, load_tokenizer, token_dtype
+from rundir.tokenizer import TokenizerInfo, load_tokenizer
+
+from .tokenizer import token_dtype
 
 logger = logging.getLogger(__name__)
 

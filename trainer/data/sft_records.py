@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .corpus import expand_files
-from .errors import DataError
+from rundir.errors import DataError
 
 logger = logging.getLogger(__name__)
 

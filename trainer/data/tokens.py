@@ -6,7 +6,7 @@ from typing import List, Union
 
 import numpy as np
 
-from .errors import DataError
+from rundir.errors import DataError
 from .meta import load_meta
 from .shards import DOC_INDEX_FILE
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from model import DiffusionTransformer
 
+from ..hooks import RunHooks
 from ..init_weights import load_initial_weights
 from ..schedule import build_scheduler
 from .objective import DiffusionObjective
@@ -39,7 +40,7 @@ class Engine:
     expert_dp_rank: int
 
 
-def build_engine(cfg, ds: dict, init_from: Optional[str] = None) -> Engine:
+def build_engine(cfg, ds: dict, init_from: Optional[str] = None, hooks: RunHooks = RunHooks()) -> Engine:
     """Collective. The model with its experts split over `moe.ep_size` ranks, its weights from
     `init_from` if given (before DeepSpeed copies them into its fp32 partitions), wrapped by DeepSpeed."""
     has_moe = cfg.moe.router != "dense"
@@ -47,7 +48,7 @@ def build_engine(cfg, ds: dict, init_from: Optional[str] = None) -> Engine:
     ep_group = create_expert_groups(ep_size) if has_moe else None
     model = DiffusionTransformer(cfg.model_config, ep_group if ep_size > 1 else None, seed=cfg.train.seed)
     if init_from:
-        load_initial_weights(model, cfg, init_from)
+        load_initial_weights(model, cfg, init_from, hooks)
     marker: Optional[MoEMarker] = None
     if has_moe:
         tag_expert_params(model, ep_size)

@@ -1,7 +1,7 @@
 """The engine's side of checkpoints: layout-free, pickle-free, complete before marked usable.
 
     step_00000100/
-        tensors/rankRRRRR.safetensors   fragments of full tensors this rank owned (trainer/checkpoint_store.py):
+        tensors/rankRRRRR.safetensors   fragments of full tensors this rank owned (rundir/checkpoint_store.py):
         tensors/rankRRRRR.json            weights (non-expert ones by rank 0, each expert-parallel rank's
                                           experts by its expert-data-parallel rank 0), and this rank's
                                           ZeRO partition of the fp32 master weights (only when they differ
@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from trainer.checkpoint_store import (EXP_AVG, EXP_AVG_SQ, MASTER, WEIGHTS, FragmentReader, FragmentWriter,
+from rundir.checkpoint_store import (EXP_AVG, EXP_AVG_SQ, MASTER, WEIGHTS, FragmentReader, FragmentWriter,
                                      write_json, write_safetensors)
-from trainer.checkpoints import STATE, CheckpointError, prune, read_manifest, read_state, tag_for, write_manifest
+from rundir.checkpoints import STATE, CheckpointError, prune, read_manifest, read_state, tag_for, write_manifest
 from trainer.distributed import comm_device
 
 log = logging.getLogger("ecdlm")
@@ -252,7 +252,7 @@ def _scheduler_state(scheduler) -> dict:
 
 def write_consolidation_script(root: str) -> None:
     """checkpoints/zero_to_fp32.py: the layout-free store, runnable on its own (torch + safetensors)."""
-    import trainer.checkpoint_store as store
+    import rundir.checkpoint_store as store
     target = os.path.join(root, CONSOLIDATE_SCRIPT)
     shutil.copyfile(store.__file__, target + ".tmp")
     os.replace(target + ".tmp", target)

@@ -11,7 +11,7 @@ checkpoint a run resumes from, pruning, and verification (also a CLI).
 A checkpoint is usable when its manifest parses and every file it lists has that size and
 checksum. Resuming takes the newest usable one; one that fails is named in the log and skipped.
 
-    python -m trainer.checkpoints verify RUN_DIR_OR_CHECKPOINT
+    python -m rundir.checkpoints verify RUN_DIR_OR_CHECKPOINT
 """
 from __future__ import annotations
 

@@ -37,14 +37,14 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
     grad_clip: float = 1.0
     peak_tflops: Optional[float] = None       # for MFU; None = detect (unknown on CPU -> null)
-    # faults (README "Faults and exit statuses")
+    # faults (docs/operations.md "Faults and exit statuses")
     nonfinite: Literal["skip", "stop"] = "skip"   # a step with a non-finite loss or gradient
     max_skipped_steps: int = 10               # skip: stop (exit 87) after this many skipped steps in a row
     comm_timeout_s: float = 900.0             # every collective of every process group (a backstop: exit 1)
     setup_timeout_s: float = 900.0            # watchdog: start-up to the first completed step (exit 88)
     hang_timeout_s: float = 600.0             # watchdog: between completed steps and saves; 0: no watchdog
     # pretrain: diffusion over whole sequences; sft: prompts never masked, loss and mask ratio over
-    # the response (README "Supervised fine-tuning"); auto: what the prepared data is
+    # the response (docs/huggingface.md "Retrofit and supervised fine-tuning"); auto: what the prepared data is
     mode: Literal["auto", "pretrain", "sft"] = "auto"
 
 
@@ -67,34 +67,14 @@ class DataConfig:
 
 
 @dataclass
-class EvalTaskConfig:
-    """One on-the-fly task (evaluation/tasks.py): multiple choice (single_mask, likelihood; logged
-    as eval/<name>/acc) or greedy generation (generate; eval/<name>/exact_match). Its file is
-    checked in the trainer's preflight, not here, so an old run's config still loads."""
-    name: str = ""
-    path: str = ""                            # JSON lines: question/context, choices, answer (MC);
-                                              # prompt (or question), answer (or response) (generate)
-    mode: Literal["single_mask", "likelihood", "generate"] = "single_mask"
-    every: int = 1                            # steps between evaluations
-    limit: Optional[int] = None               # first N questions only
-    mc_num: int = 16                          # Monte-Carlo samples per choice (likelihood)
-    batch_size: int = 32                      # questions per forward (MC) / prompts per generate call
-    seed: int = 0
-    # generate mode (evaluation/generation_tasks.py)
-    answer_regex: Optional[str] = None        # first match (group 1 if any) of completion and reference
-    gen_length: int = 32                      # tokens generated per prompt
-    steps: Optional[int] = None               # denoising steps; default gen_length
-    block_length: Optional[int] = None        # semi-autoregressive block; default gen_length
-    stop: list[str] = field(default_factory=list)   # strings that end a completion (besides end-of-text)
-
-
-@dataclass
 class EvalConfig:
     batches: int = 4                          # validation batches per evaluation
     batch_size: int = 8
     num_ratio_points: int = 10                # fixed grid of mask ratios, one per bin centre
     seed: int = 0
-    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    # on-the-fly tasks, each a mapping of evaluation/task_config.py's EvalTaskConfig fields: evaluation
+    # owns their meaning and checks (the entry point hands them to the loop; docs/operations.md "On-the-fly tasks")
+    tasks: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -221,51 +201,8 @@ def validate_train(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be > 0 seconds")
     if t.hang_timeout_s < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 seconds (0 disables the watchdog)")
-    validate_tasks(cfg.eval.tasks)
-    for i, task in enumerate(cfg.eval.tasks):   # a generation must leave room for a prompt
-        if task.mode == "generate" and task.gen_length >= cfg.model.max_seq_len:
-            raise ConfigError(f"eval.tasks[{i}].gen_length={task.gen_length} must be < "
-                              f"model.max_seq_len={cfg.model.max_seq_len} (the prompt needs room too)")
     if cfg.init.source is not None and not (isinstance(cfg.init.source, str) and cfg.init.source):
         raise ConfigError(f"init.from={cfg.init.source!r} must be a path (a run, checkpoint or Hugging Face directory)")
-
-
-def validate_tasks(tasks: list, prefix: str = "eval.tasks") -> None:
-    """The task specs' own values (their files are checked in the trainer's preflight)."""
-    names = set()
-    for i, task in enumerate(tasks):
-        where = f"{prefix}[{i}]"
-        for key in ("name", "path"):
-            if not getattr(task, key):
-                raise ConfigError(f"{where}.{key} is required (a string)")
-        if task.name in names:
-            raise ConfigError(f"{where}.name={task.name!r} is used twice; metrics are eval/<name>/acc")
-        names.add(task.name)
-        for key in ("every", "limit", "mc_num", "batch_size", "gen_length", "steps", "block_length"):
-            v = getattr(task, key)
-            if v is not None and v < 1:
-                raise ConfigError(f"{where}.{key}={v!r} must be an integer >= 1")
-        validate_generation_fields(task, where)
-
-
-def validate_generation_fields(task, where: str) -> None:
-    """A generate task's sampler settings follow evaluation/sample.py's SampleConfig.validate
-    rules (blocks divide the generation, steps split evenly over blocks), named by field here."""
-    if task.answer_regex is not None:
-        try:
-            re.compile(task.answer_regex)
-        except re.error as err:
-            raise ConfigError(f"{where}.answer_regex={task.answer_regex!r} is not a valid regular "
-                              f"expression: {err}") from None
-    if any(not isinstance(s, str) or not s for s in task.stop):
-        raise ConfigError(f"{where}.stop={task.stop!r} must be a list of non-empty strings")
-    block = task.block_length or task.gen_length
-    if task.gen_length % block:
-        raise ConfigError(f"{where}.block_length={block} must divide {where}.gen_length={task.gen_length}")
-    steps, blocks = task.steps or task.gen_length, task.gen_length // block
-    if steps % blocks:
-        raise ConfigError(f"{where}.steps={steps} must be a multiple of the number of blocks "
-                          f"gen_length/block_length={blocks}")
 
 
 # ---- YAML + overrides --------------------------------------------------------------------------

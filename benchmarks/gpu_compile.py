@@ -18,14 +18,17 @@ says so).
 """
 from __future__ import annotations
 
+import time
+
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 from benchmarks.gpu_setup import STEP_CONFIGS, device_model, step_config, sync
 from benchmarks.gpu_step import batches, measure, rates, train_step
 
 
 def dynamo_counts() -> dict:
-    from torch._dynamo.utils import counters
     reasons = {str(k).strip().splitlines()[0][:160]: v for k, v in counters["graph_break"].items()}
     return {"graph_breaks": sum(counters["graph_break"].values()),
             "unique_graphs": counters["stats"].get("unique_graphs", 0), "graph_break_reasons": reasons}
@@ -61,10 +64,6 @@ def eager_row(name: str, ctx, sink) -> tuple:
 
 
 def compiled(row: dict, cfg, model, opt, data, ctx, sink) -> None:
-    import time
-
-    import torch._dynamo
-    from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     for block in model.blocks:
@@ -103,8 +102,6 @@ def share(configs, i: int) -> float:
 
 
 def run(ctx, sink, configs=STEP_CONFIGS) -> None:
-    import torch._dynamo
-
     from benchmarks.gpu_guard import clean_up, error_fields, limited
     for i, name in enumerate(configs):
         state = {}

@@ -12,8 +12,9 @@ TFLOP/s count the slots each layer actually computed (EC: sum of its capacities;
 padded slots; dropless: T*k rows), 6 d h_e per slot forward, twice that backward, plus the
 router; DeepSpeed's one-hot einsums are not counted as useful work (see benchmarks/moe_layer.py).
 
-A timed sample is `ctx.calls` back-to-back calls (5 on a GPU) between two device syncs, so the
-host's launch gaps between calls are not timed as if the device idled; `ms` is per call. Every
+A timed sample is `ctx.calls` back-to-back calls (5 on a GPU) between two device syncs: the host
+queues the next call while the device runs this one, as in training, and one sync's cost is spread
+over several calls; `ms` is per call. Every
 implementation is built and called once on its own first: one that raises is an error row and
 the others are timed without it.
 """

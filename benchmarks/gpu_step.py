@@ -98,7 +98,8 @@ def rates(cfg, B: int, L: int, times: list, counts: list, peaks: dict, prefix: s
     flops = [train_flops(cfg, B * L, L, masked, assignments) for masked, assignments in torch.stack(counts).tolist()]
     sec = statistics.median(times)
     tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
-    return {f"{prefix}ms": sec * 1e3, f"{prefix}min_ms": min(times) * 1e3, f"{prefix}times_ms": [t * 1e3 for t in times],
+    return {f"{prefix}ms": sec * 1e3, f"{prefix}min_ms": min(times) * 1e3,
+            f"{prefix}times_ms": [t * 1e3 for t in times],
             f"{prefix}tokens_per_s": B * L / sec, f"{prefix}tflop_per_step": statistics.median(flops) / 1e12,
             f"{prefix}tflop_per_s": tflops,
             f"{prefix}mfu_datasheet": tflops / peaks["datasheet"] if peaks.get("datasheet") else None,
@@ -135,7 +136,8 @@ def run_one(name: str, ctx, sink) -> dict:
         sink.save()
 
     if device.type == "cuda":
-        diagnose("cuda_syncs", lambda: {"cuda_syncs_per_step": cuda_sync_count(lambda: train_step(model, opt, data[0]))})
+        diagnose("cuda_syncs",
+                 lambda: {"cuda_syncs_per_step": cuda_sync_count(lambda: train_step(model, opt, data[0]))})
 
     def host_syncs():
         with HostSyncCounter() as sc:   # forward and backward: the optimizer's CPU step counters are no sync

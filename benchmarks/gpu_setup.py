@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -180,13 +179,3 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """||a - ref|| / ||ref|| in float64; NaN anywhere gives NaN (which fails every bound)."""
     a, ref = a.detach().double(), ref.detach().double()
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-class Budget:
-    """Wall-clock budget of the whole run: a section that would start past it is skipped."""
-
-    def __init__(self, seconds: float):
-        self.t0, self.seconds = time.perf_counter(), seconds
-
-    def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.t0)

@@ -90,14 +90,12 @@ def run_one(name: str, device, warmup: int, repeat: int, smoke: bool, peaks: dic
     return row
 
 
-def run(device, warmup: int, repeat: int, smoke: bool, peaks: dict) -> list[dict]:
-    one_rank_group(device)
-    rows = []
-    for name in ("owt_ec", "owt_tc"):
-        try:
-            rows.append(run_one(name, device, warmup, repeat, smoke, peaks))
-        except torch.OutOfMemoryError as err:   # recorded: the table says so instead of stopping
-            rows.append({"config": name, "engine": "deepspeed", "error": f"out of memory: {str(err)[:200]}"})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
+def run(ctx, sink, configs=("owt_ec", "owt_tc")) -> None:
+    """Each preset on its own: one that raises or runs out of memory is its row's error."""
+    from benchmarks.gpu_guard import clean_up, guarded
+    one_rank_group(ctx.device)
+    warmup, repeat = (1, 2) if ctx.smoke else (2, 5)
+    for name in configs:
+        guarded(sink, {"config": name, "engine": "deepspeed"},
+                lambda: run_one(name, ctx.device, warmup, repeat, ctx.smoke, ctx.peaks), ctx.device)
+        clean_up(ctx.device)

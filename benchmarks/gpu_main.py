@@ -1,25 +1,26 @@
 """The GPU measurement, run by benchmarks/gpu.sh: checks first, then timings, one table last.
 
-    bash benchmarks/gpu.sh [--out DIR] [--budget S] [--parts ceilings check layer step]
-    bash benchmarks/gpu.sh --cpu-smoke       # the same code at toy shapes on the CPU, < 2 min
+    bash benchmarks/gpu.sh [--out DIR] [--parts ...] [--part-budget NAME=S] [--expert-loop]
+    bash benchmarks/gpu.sh --cpu-smoke       # the same code at toy shapes on the CPU
 
-Parts, in order (each writes DIR/gpu_<part>.json as soon as it is done, so a run cut short
-keeps what it finished; DIR defaults to $OUT, else bench_out/):
-    ceilings  the measured bf16 matmul rate and device copy bandwidth (the floors' denominators)
-    check     benchmarks/gpu_check.py: routing vs CPU, bf16 layer vs fp32, grouped mm vs loop
-    layer     benchmarks/gpu_layer.py: one MoE layer at the OWT and 8B-A1B shapes
-    step      benchmarks/gpu_step.py: owt_ec and owt_tc training steps at micro-batch 32
-A part that would start with less than its usual time left in --budget is skipped and says so.
+The parts are the PARTS list below, run in its order (most valuable rows first), each under its
+own time limit (its budget, and never past the run's): a part past its limit is cut where it is,
+keeps the rows it finished, and the next part starts. Every row is written the moment it exists:
+DIR/gpu_<part>.json, DIR/gpu_all.json (every part, its status and the machine) and
+DIR/gpu_table.txt; DIR defaults to $OUT, else bench_out/. SIGINT or SIGTERM (gpu.sh's hard stop)
+ends the run the same way: gpu_all.json and the table are written and printed before it exits.
+Budgets, estimates and what each part measures: docs/gpu.md.
 Exit status 1 when a correctness check failed (timings still run and are written).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import importlib
 import os
 import sys
 import time
-import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):   # run as a script: make the repository root importable
@@ -27,133 +28,263 @@ if __package__ in (None, ""):   # run as a script: make the repository root impo
 
 import torch
 
-from benchmarks.common import format_table, machine_info, machine_line
-from benchmarks.gpu_setup import LAYER_SHAPES, SMOKE_LAYER_SHAPES, Budget
-
-PARTS = ("ceilings", "check", "layer", "step", "engine")
-# seconds a part needs on an H200 (estimates, with margin), to skip rather than be killed mid-way
-NEEDS_S = {"ceilings": 10, "check": 60, "layer": 90, "step": 150, "engine": 150}
+from benchmarks import gpu_guard
+from benchmarks.common import machine_info, machine_line
+from benchmarks.gpu_guard import Cut, HardStop, Sink, error_fields, limited, write_json_atomic
+from benchmarks.gpu_setup import LAYER_SHAPES, SMOKE_LAYER_SHAPES, Context
 
 
-def table_rows(results: dict) -> list[dict]:
-    """Every part's rows as one table: part, case, then whichever numbers the row has."""
-    rows = []
-    c = results.get("ceilings") or {}
-    if c.get("matmul"):
-        rows.append({"part": "ceiling", "case": f"matmul {c['matmul_n']}^3", "tflop_per_s": c["matmul"]})
-        rows.append({"part": "ceiling", "case": "device copy", "note": f"{c['copy_tb_per_s']:.2f} TB/s"})
-    for r in results.get("check") or []:
-        rows.append({"part": "check", "case": f"{r['shape']} {r['check']}", "ok": "ok" if r["ok"] else "FAIL",
-                     "note": f"err {r['error']:.1e} < {r['bound']:.0e}"})
-    for r in results.get("layer") or []:
-        if "error" in r:
-            rows.append({"part": "layer", "case": f"{r['shape']} {r['impl']}", "note": r["error"][:60]})
-            continue
-        rows.append({"part": "layer", "case": f"{r['shape']} {r['impl']} B={r['B']}", "ms": r["ms"],
-                     "tflop_per_s": r["tflop_per_s"], "ratio_to_dense": r["ratio_to_dense"],
-                     "note": f"mean k {r['mean_k']:.2f}"})
-    for r in results.get("step") or []:
-        if "error" in r:
-            rows.append({"part": "step", "case": r["config"], "note": r["error"][:60]})
-            continue
-        syncs = r.get("cuda_syncs_per_step", r["counted_syncs_per_step"])
-        rows.append({"part": "step", "case": f"{r['config']} B={r['B']} L={r['L']}", "ms": r["ms"],
-                     "tflop_per_s": r["tflop_per_s"], "mfu": r["mfu_datasheet"], "tokens_per_s": r["tokens_per_s"],
-                     "mem_gb": r["peak_mem_gb"], "syncs": syncs,
-                     "note": f"flash: {'yes' if r['sdpa_flash'] else 'NO'}; counted syncs {r['counted_syncs_per_step']} "
-                             f"({r['counted_syncs_in_moe_layers']} in {r['moe_layers']} MoE layers)"})
-    for r in results.get("engine") or []:
-        if "error" in r:
-            rows.append({"part": "engine", "case": r["config"], "note": r["error"][:60]})
-            continue
-        rows.append({"part": "engine", "case": f"{r['config']} B={r['B']} L={r['L']}", "ms": r["ms"],
-                     "tflop_per_s": r["tflop_per_s"], "mfu": r["mfu_datasheet"], "tokens_per_s": r["tokens_per_s"],
-                     "mem_gb": r["peak_mem_gb"], "note": f"DeepSpeed ZeRO-{r['zero_stage']}, {r['precision']}"})
-    for part, why in (results.get("skipped") or {}).items():
-        rows.append({"part": part, "case": "skipped", "note": why})
-    return rows
+@dataclass(frozen=True)
+class Part:
+    name: str
+    target: str          # "module:function"; function(ctx: gpu_setup.Context, sink: gpu_guard.Sink)
+    budget_s: float      # its own time limit on a GPU (the run's 455 s hold them all)
+    est_s: float         # expected seconds on one H200; a part starts only with half of it left
+    needs: str = ""      # "deepspeed": only where DeepSpeed imports
 
 
-COLUMNS = [("part", "part", "s"), ("case", "case", "s"), ("ok", "ok", "s"), ("ms", "ms", ".2f"),
-           ("tflop_per_s", "TFLOP/s", ".1f"), ("ratio_to_dense", "/dense", ".2f"), ("mfu", "MFU", ".1%"),
-           ("tokens_per_s", "tokens/s", ".0f"), ("mem_gb", "peak GB", ".1f"), ("syncs", "syncs/step", "d"),
-           ("note", "note", "s")]
+PARTS = [
+    Part("ceilings", "benchmarks.gpu_step:ceilings_part", budget_s=15, est_s=5),
+    Part("check", "benchmarks.gpu_check:run", budget_s=45, est_s=20),
+    Part("layer", "benchmarks.gpu_layer:run", budget_s=50, est_s=25),
+    Part("router", "benchmarks.gpu_router:run", budget_s=15, est_s=5),
+    Part("step", "benchmarks.gpu_step:run", budget_s=80, est_s=35),
+    Part("compile", "benchmarks.gpu_compile:run", budget_s=180, est_s=120),
+    Part("graph", "benchmarks.gpu_graph:run", budget_s=50, est_s=20),
+    # ---- more parts: one line each, here, in the order they should run -------------------------
+    # Part(name, "benchmarks.gpu_<name>:run", budget_s=..., est_s=...); run(ctx, sink) adds rows
+    # with sink.add(row) (or returns a list of them); an optional table_rows(rows) in the same
+    # module shapes its lines of the table. A module not in this checkout is skipped, and says so.
+    Part("decode", "benchmarks.gpu_decode:run", budget_s=30, est_s=20),
+    # ---------------------------------------------------------------------------------------------
+    Part("engine", "benchmarks.gpu_engine:run", budget_s=60, est_s=40, needs="deepspeed"),
+]
+RUN_BUDGET_S = 455        # the whole run's own limit on a GPU; gpu.sh's hard stop is 25 s later
+HARD_STOP_MARGIN_S = 25   # seconds between the run's budget and the hard stop: startup and the final write
 
 
-def main(argv=None) -> int:
+def resolve(target: str):
+    """The part's function and its module; ModuleNotFoundError when the module is not here."""
+    module_name, _, fn_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, fn_name), module
+
+
+def parse_budgets(items: list[str]) -> dict:
+    names = {p.name for p in PARTS}
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in names or not value:
+            raise SystemExit(f"--part-budget {item!r}: expected NAME=SECONDS with NAME one of {', '.join(names)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--part-budget {item!r}: {value!r} is not a number of seconds") from None
+    return out
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="toy shapes on the CPU: checks that the script runs")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="JSON goes here ($OUT, else bench_out/)")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (parts past it are skipped)")
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--hard-stop", type=float, default=None,
+                   help="seconds after which gpu.sh sends SIGINT (sets the default --budget: 25 s less)")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds for the whole run (default: --hard-stop less {HARD_STOP_MARGIN_S} s, else "
+                        f"{RUN_BUDGET_S} on a GPU, none with --cpu-smoke)")
+    p.add_argument("--part-budget", action="append", default=[], metavar="NAME=S",
+                   help="a part's own limit in seconds, overriding PARTS (also under --cpu-smoke, which has none)")
+    p.add_argument("--parts", nargs="+", default=[pt.name for pt in PARTS], choices=[pt.name for pt in PARTS])
+    p.add_argument("--expert-loop", action="store_true", default=os.environ.get("ECDLM_EXPERT_LOOP") == "1",
+                   help="ragged experts take the per-expert loop, not torch._grouped_mm (env ECDLM_EXPERT_LOOP=1)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of the compile part (default inductor; eager with --cpu-smoke)")
     p.add_argument("--no-deepspeed", action="store_true",
                    help="leave DeepSpeed's layer and engine step out even where it imports")
     p.add_argument("--smoke-deepspeed", action="store_true",
                    help="with --cpu-smoke: run the DeepSpeed engine step too (toy shapes, gloo)")
     args = p.parse_args(argv)
+    if args.budget is None and args.hard_stop is not None:
+        args.budget = max(args.hard_stop - HARD_STOP_MARGIN_S, 1.0)
+    if args.budget is None and not args.cpu_smoke:
+        args.budget = RUN_BUDGET_S
+    args.part_budgets = parse_budgets(args.part_budget)
+    return args
 
-    from benchmarks import gpu_check, gpu_engine, gpu_layer, gpu_step
+
+class Run:
+    """What the run has so far, and the files it is kept in."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.out, self.meta = out, meta
+        self.results: dict = {}       # part -> its rows
+        self.status: dict = {}        # part -> {"state": done/skipped/cut/failed/stopped, "why", "seconds"}
+        self.formatters: dict = {}    # part -> its module's table_rows, where it has one
+
+    def table(self) -> str:
+        from benchmarks.gpu_table import render, table_rows
+        return render(table_rows(self.results, self.status, self.formatters))
+
+    def write(self) -> None:
+        write_json_atomic(self.out / "gpu_all.json", {"meta": self.meta, "status": self.status, **self.results})
+        try:
+            text = self.table()
+        except Exception as err:   # the JSON above is what matters; the table must not cost it
+            text = f"(table failed: {type(err).__name__}: {err})"
+        tmp = self.out / "gpu_table.txt.tmp"
+        tmp.write_text(machine_line(self.meta) + "\n" + text + "\n")
+        os.replace(tmp, self.out / "gpu_table.txt")
+
+
+def run_part(part: Part, run: Run, ctx_args: dict, budget, whole) -> None:
+    """One part under its limit; whatever happens, its status says so and its rows stay."""
+    run.status[part.name] = st = {"state": "running", "budget_s": budget}
+    t0 = time.perf_counter()
+    try:
+        fn, module = resolve(part.target)
+    except ModuleNotFoundError as err:
+        st.update(state="skipped", why=f"{part.target.partition(':')[0]} is not in this checkout ({err})", seconds=0.0)
+        return
+    if callable(getattr(module, "table_rows", None)):
+        run.formatters[part.name] = module.table_rows
+    sink = Sink(part.name, run.out, run.meta, on_change=run.write)
+    run.results[part.name] = sink.rows
+    try:
+        with limited(budget, part.name) as lim:
+            ctx = Context(**ctx_args, results=dict(run.results), limit=lim)
+            try:
+                returned = fn(ctx, sink)
+                for row in returned or []:
+                    if not any(row is r for r in sink.rows):
+                        sink.add(row)
+                cut = sum(1 for r in sink.rows if r.get("cut"))
+                st.update(state="cut", why=f"{cut} of {len(sink.rows)} rows cut at their share of its limit") \
+                    if cut else st.update(state="done")
+            except Exception as err:   # the part's own failure: its finished rows stay
+                import traceback
+                traceback.print_exc()
+                st.update(state="failed", **error_fields(err))
+                st["why"] = "failed: " + st["error"]
+        if lim.cut:
+            st.update(state="cut", why=f"cut at its own limit, {budget:.0f} s ({len(sink.rows)} rows kept)")
+    except Cut:   # the run's limit, inside this part
+        st.update(state="cut", why=f"cut: the run's budget ran out ({len(sink.rows)} rows kept)")
+        raise
+    finally:
+        st["seconds"] = round(time.perf_counter() - t0, 1)
+        if st["state"] == "running":   # HardStop passing through
+            st.update(state="stopped", why=f"stopped by the hard stop ({len(sink.rows)} rows kept)")
+        run.write()
+
+
+def main(argv=None) -> int:
+    gpu_guard.install_handlers()
+    args = parse_args(argv)
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --cpu-smoke for the CPU check of this script", file=sys.stderr)
         return 2
     device = torch.device("cpu") if smoke else torch.device("cuda")
     dtype = torch.bfloat16
-    shapes = SMOKE_LAYER_SHAPES if smoke else LAYER_SHAPES
-    warmup, repeat = (1, 2) if smoke else (3, 10)
-    budget = Budget(args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**machine_info(device, dtype), "cpu_smoke": smoke, "shapes": shapes}
+    from benchmarks.gpu_layer import deepspeed_importable
+    importable = deepspeed_importable() and not args.no_deepspeed
+    meta = {**machine_info(device, dtype), "cpu_smoke": smoke, "shapes": SMOKE_LAYER_SHAPES if smoke else LAYER_SHAPES,
+            "budget_s": args.budget, "hard_stop_s": args.hard_stop, "expert_loop_forced": args.expert_loop,
+            "load_average": os.getloadavg(), "deepspeed": importable}
     print(machine_line(meta), flush=True)
-    results: dict = {"skipped": {}}
-    importable = gpu_layer.deepspeed_importable() and not args.no_deepspeed
-    with_ds = importable and not smoke   # DeepSpeed's layer: its first call costs minutes on a small CPU
-    with_engine = importable and (not smoke or args.smoke_deepspeed)
-    if not importable:
-        results["skipped"]["deepspeed"] = "DeepSpeed does not import here: its layer and engine step left out"
-    elif smoke:
-        results["skipped"]["deepspeed layer"] = "left out of --cpu-smoke (benchmarks/moe_layer.py times it on CPUs)"
-    runners = {
-        "ceilings": lambda: gpu_step.ceilings(device, dtype, smoke),
-        "check": lambda: gpu_check.run(shapes, device, dtype),
-        "layer": lambda: gpu_layer.run(shapes, device, dtype, warmup, repeat, with_ds),
-        "step": lambda: gpu_step.run(device, dtype, 2 if not smoke else 1, 5 if not smoke else 2, smoke,
-                                     results.get("ceilings") or {}),
-        "engine": lambda: gpu_engine.run(device, 2 if not smoke else 1, 5 if not smoke else 2, smoke,
-                                         results.get("ceilings") or {}),
-    }
-    for part in PARTS:
-        if part not in args.parts:
-            continue
-        if part == "engine" and not with_engine:
-            results["skipped"].setdefault("engine", "DeepSpeed left out (see above)" if importable
-                                          else "DeepSpeed does not import here")
-            continue
-        if not smoke and budget.left() < NEEDS_S[part]:
-            results["skipped"][part] = f"{budget.left():.0f} s left of the budget, {NEEDS_S[part]} s needed"
-            continue
-        t0 = time.perf_counter()
-        print(f"== {part}", flush=True)
-        try:
-            results[part] = runners[part]()
-        except Exception:   # one broken part must not cost the others: record and go on
-            results["skipped"][part] = "failed: " + traceback.format_exc(limit=3).strip().splitlines()[-1][:200]
-            traceback.print_exc()
-            continue
-        (out / f"gpu_{part}.json").write_text(json.dumps({"meta": meta, "seconds": time.perf_counter() - t0,
-                                                          "rows": results[part]}, indent=2) + "\n")
-        print(f"   {time.perf_counter() - t0:.1f} s", flush=True)
-    (out / "gpu_all.json").write_text(json.dumps({"meta": meta, **results}, indent=2) + "\n")
+    run = Run(out, meta)
+    ctx_args = dict(device=device, dtype=dtype, smoke=smoke, shapes=meta["shapes"],
+                    warmup=1 if smoke else 3, repeat=2 if smoke else 10, calls=2 if smoke else 5,
+                    step_warmup=1 if smoke else 2, step_repeat=2 if smoke else 5,
+                    expert_loop=args.expert_loop,
+                    compile_backend=args.compile_backend or ("eager" if smoke else "inductor"),
+                    with_deepspeed=importable and not smoke)
+    loop = contextlib.nullcontext
+    if args.expert_loop:
+        from model.moe.experts import grouped_mm_disabled as loop
+    current = None
+    try:
+        with limited(args.budget, "the run") as whole:
+            for part in PARTS:
+                if part.name not in args.parts:
+                    continue
+                current = part.name
+                why = gate(part, args, importable, smoke, whole.left())
+                if why:
+                    run.status[part.name] = {"state": "skipped", "why": why}
+                    run.write()
+                    continue
+                budget = args.part_budgets.get(part.name, None if smoke else part.budget_s)
+                budget = min(budget if budget is not None else float("inf"), whole.left())
+                print(f"== {part.name} (limit {budget:.0f} s)", flush=True)
+                ceil = (run.results.get("ceilings") or [{}])[0]
+                ctx_args["peaks"] = {k: ceil.get(k) for k in ("datasheet", "matmul")}
+                with loop():
+                    run_part(part, run, ctx_args, budget, whole)
+                st = run.status[part.name]
+                print(f"   {part.name}: {st['state']}, {st.get('seconds', 0):.1f} s", flush=True)
+                gpu_guard.clean_up(device)
+                reset_compiler()
+        if whole.cut:
+            for part in PARTS:
+                if part.name in args.parts and part.name not in run.status:
+                    run.status[part.name] = {"state": "skipped", "why": "the run's budget ran out before it"}
+    except (HardStop, KeyboardInterrupt) as err:
+        for part in PARTS:
+            if part.name in args.parts and part.name not in run.status:
+                run.status[part.name] = {"state": "skipped", "why": f"not started: {err or 'interrupted'}"}
+        print(f"\nhard stop during {current}: writing what finished", flush=True)
+    except Exception as err:   # the runner's own bug: what finished is still written and printed
+        import traceback
+        traceback.print_exc()
+        run.status["runner"] = {"state": "failed", "why": f"during {current}: {type(err).__name__}: {err}"}
+    finally:
+        gpu_guard.quiet()
+        run.write()
+        report(run, meta, out)
+    failed = failed_checks(run)
+    return 1 if failed or run.status.get("check", {}).get("state") == "failed" else 0
+
+
+def failed_checks(run: Run) -> list[str]:
+    return [f"{r.get('shape')} {r.get('check')}" for r in run.results.get("check") or [] if not r.get("ok")]
+
+
+def report(run: Run, meta: dict, out: Path) -> None:
+    """The last lines of the output (the part a lent machine sends back): the table and a summary."""
     print()
     print(machine_line(meta))
-    print(format_table(table_rows(results), COLUMNS))
-    print(f"wrote {out}/gpu_*.json")
-    checks = results.get("check") or []
-    failed = [r["check"] for r in checks if not r["ok"]]
+    print(run.table())
+    states = ", ".join(f"{p} {s.get('state')}" + (f" {s['seconds']:.0f}s" if "seconds" in s else "")
+                       for p, s in run.status.items())
+    print(f"parts: {states}")
+    failed = failed_checks(run)
     if failed:
         print(f"FAILED checks: {', '.join(failed)}")
-    return 1 if failed or "check" in results["skipped"] else 0
+    print(f"wrote {out}/gpu_all.json, gpu_table.txt and gpu_<part>.json", flush=True)
+
+
+def gate(part: Part, args, importable: bool, smoke: bool, left: float):
+    """Why the part does not start now, or None."""
+    if part.needs == "deepspeed":
+        if not importable:
+            return "DeepSpeed does not import here (or --no-deepspeed)"
+        if smoke and not args.smoke_deepspeed:
+            return "DeepSpeed left out of --cpu-smoke without --smoke-deepspeed"
+    if not smoke and left < part.est_s / 2:
+        return f"{left:.0f} s left of the run's budget; it needs about {part.est_s:.0f} s"
+    return None
+
+
+def reset_compiler() -> None:
+    try:
+        import torch._dynamo
+        torch._dynamo.reset()
+    except Exception:
+        pass
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ no DeepSpeed, no network): configs/*.yaml are read by a small parser for the sub
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -66,8 +68,10 @@ def load_yaml(path: Path) -> dict:
     return root
 
 
-def step_config(name: str, smoke: bool):
-    """(ModelConfig, micro-batch, sequence length) of configs/<name>.yaml on one device."""
+def step_config(name: str, smoke: bool, moe_overrides: Optional[dict] = None,
+                diffusion_overrides: Optional[dict] = None):
+    """(ModelConfig, micro-batch, sequence length) of configs/<name>.yaml on one device, with
+    `moe_overrides` / `diffusion_overrides` laid over its sections (after the smoke shapes)."""
     from model import ModelConfig, from_dict
     raw = load_yaml(ROOT / "configs" / f"{name}.yaml")
     model, moe = dict(raw["model"]), dict(raw["moe"])
@@ -79,8 +83,40 @@ def step_config(name: str, smoke: bool):
         if "capacity" in moe:
             moe["capacity"] = {**moe["capacity"], **SMOKE_STEP["capacity"]}
         batch = SMOKE_STEP["micro_batch"]
-    cfg = from_dict(ModelConfig, {"model": model, "moe": moe, "diffusion": raw.get("diffusion", {})})
+    moe.update(moe_overrides or {})
+    diffusion = {**(raw.get("diffusion") or {}), **(diffusion_overrides or {})}
+    cfg = from_dict(ModelConfig, {"model": model, "moe": moe, "diffusion": diffusion})
     return cfg, batch, model["max_seq_len"]
+
+
+def has_option(section: str, name: str) -> bool:
+    """Whether this checkout's config has `section.name` (options other work may add later)."""
+    from model.config import DiffusionConfig, ModelArchConfig, MoEConfig
+    cls = {"model": ModelArchConfig, "moe": MoEConfig, "diffusion": DiffusionConfig}[section]
+    return name in {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class Context:
+    """What every part gets (benchmarks/gpu_main.py builds it; a part reads, never changes it)."""
+    device: torch.device
+    dtype: torch.dtype
+    smoke: bool                 # toy shapes on the CPU
+    shapes: dict                # the layer shapes (LAYER_SHAPES or SMOKE_LAYER_SHAPES)
+    warmup: int                 # untimed layer calls before timing
+    repeat: int                 # timed layer samples
+    calls: int                  # back-to-back layer calls per timed sample
+    step_warmup: int            # untimed training steps before timing
+    step_repeat: int            # timed training steps
+    peaks: dict = field(default_factory=dict)      # datasheet and measured matmul TFLOP/s
+    results: dict = field(default_factory=dict)    # part -> its rows, for the parts before this one
+    expert_loop: bool = False   # ragged experts forced onto the per-expert loop
+    compile_backend: str = "inductor"
+    with_deepspeed: bool = False
+    limit: Optional[object] = None                 # this part's gpu_guard.Limit: limit.left() seconds
+
+    def left(self) -> float:
+        return self.limit.left() if self.limit is not None else float("inf")
 
 
 def moe_config(shape: dict, impl: str):
@@ -143,13 +179,3 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """||a - ref|| / ||ref|| in float64; NaN anywhere gives NaN (which fails every bound)."""
     a, ref = a.detach().double(), ref.detach().double()
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-class Budget:
-    """Wall-clock budget of the whole run: a section that would start past it is skipped."""
-
-    def __init__(self, seconds: float):
-        self.t0, self.seconds = time.perf_counter(), seconds
-
-    def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.t0)

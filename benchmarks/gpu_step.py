@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from benchmarks.gpu_setup import device_model, step_config, sync
+from benchmarks.gpu_setup import STEP_CONFIGS, device_model, step_config, sync
 
 
 def batches(cfg, B: int, L: int, device, n: int = 3, seed: int = 0) -> list[tuple]:
@@ -76,58 +76,82 @@ def sdpa_kernels(model, batch, device) -> list[str]:
     return sorted(n for n in names if any(w in n.lower() for w in ("flash", "attention", "fmha", "sdpa")))
 
 
-def run_one(name: str, device, dtype, warmup: int, repeat: int, smoke: bool, peaks: dict) -> dict:
+def measure(model, opt, data, device, warmup: int, repeat: int, step=None) -> tuple[list, list]:
+    """(seconds, [masked, assignments] device tensors) of `repeat` timed steps after `warmup`."""
+    step = step or (lambda batch: train_step(model, opt, batch))
+    for i in range(warmup):
+        step(data[i % len(data)])
+    sync(device)
+    times, counts = [], []
+    for i in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        counts.append(step(data[i % len(data)]))
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, counts
+
+
+def rates(cfg, B: int, L: int, times: list, counts: list, peaks: dict, prefix: str = "") -> dict:
+    """ms, tokens/s, TFLOP/s from the capacity used (trainer/flops.py) and MFU of timed steps."""
+    from trainer.flops import train_flops
+    flops = [train_flops(cfg, B * L, L, masked, assignments) for masked, assignments in torch.stack(counts).tolist()]
+    sec = statistics.median(times)
+    tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
+    return {f"{prefix}ms": sec * 1e3, f"{prefix}min_ms": min(times) * 1e3,
+            f"{prefix}times_ms": [t * 1e3 for t in times],
+            f"{prefix}tokens_per_s": B * L / sec, f"{prefix}tflop_per_step": statistics.median(flops) / 1e12,
+            f"{prefix}tflop_per_s": tflops,
+            f"{prefix}mfu_datasheet": tflops / peaks["datasheet"] if peaks.get("datasheet") else None,
+            f"{prefix}mfu_measured": tflops / peaks["matmul"] if peaks.get("matmul") else None}
+
+
+def run_one(name: str, ctx, sink) -> dict:
+    """The timed row is written first; its diagnostics (syncs, kernels) are added to it after,
+    each on its own, so a failing profiler costs only its own field."""
+    from benchmarks.gpu_guard import error_fields
     from benchmarks.host_syncs import HostSyncCounter
     from model import forward_loss
-    from trainer.flops import train_flops
-    cfg, B, L = step_config(name, smoke)
+    device, dtype = ctx.device, ctx.dtype
+    cfg, B, L = step_config(name, ctx.smoke)
     model = device_model(cfg, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
     data = batches(cfg, B, L, device)
-    for i in range(warmup):
-        train_step(model, opt, data[i % len(data)])
-    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, results = [], []
-    for i in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        results.append(train_step(model, opt, data[i % len(data)]))
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    times, counts = measure(model, opt, data, device, ctx.step_warmup, ctx.step_repeat)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    # what was computed, read back only now: routed assignments and masked positions per step
-    flops = [train_flops(cfg, B * L, L, masked, assignments) for masked, assignments in torch.stack(results).tolist()]
-    sec = statistics.median(times)
-    tflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e12
-    row = {"config": name, "B": B, "L": L, "params_B": n_params / 1e9, "ms": sec * 1e3,
-           "min_ms": min(times) * 1e3, "times_ms": [t * 1e3 for t in times],
-           "tokens_per_s": B * L / sec, "tflop_per_step": statistics.median(flops) / 1e12, "tflop_per_s": tflops,
-           "mfu_datasheet": tflops / peaks["datasheet"] if peaks.get("datasheet") else None,
-           "mfu_measured": tflops / peaks["matmul"] if peaks.get("matmul") else None,
-           "peak_mem_gb": peak / 2**30 if peak else None, "dtype": str(dtype).removeprefix("torch."),
-           "optimizer": "AdamW, fused" if device.type == "cuda" else "AdamW (foreach)"}
+    row = sink.add({"config": name, "B": B, "L": L, "params_B": n_params / 1e9,
+                    **rates(cfg, B, L, times, counts, ctx.peaks),
+                    "peak_mem_gb": peak / 2**30 if peak else None, "dtype": str(dtype).removeprefix("torch."),
+                    "optimizer": "AdamW, fused" if device.type == "cuda" else "AdamW (foreach)",
+                    "moe_layers": len(model.moe_layers())})
+
+    def diagnose(field, fn):
+        try:
+            row.update(fn())
+        except Exception as err:   # this diagnostic, not the row
+            row[field + "_error"] = error_fields(err)["error"]
+        sink.save()
+
     if device.type == "cuda":
-        row["cuda_syncs_per_step"] = cuda_sync_count(lambda: train_step(model, opt, data[0]))
-        sync(device)
-    with HostSyncCounter() as sc:   # forward and backward: the optimizer's CPU step counters are no sync
-        parts(forward_loss(model, *data[1]))[0].backward()
-    opt.zero_grad(set_to_none=True)
-    row["counted_syncs_per_step"] = sc.total
-    row["counted_syncs_in_moe_layers"] = sc.count("model/moe/")
-    row["moe_layers"] = len(model.moe_layers())
-    row["sync_sites"] = sc.by_site()
-    try:
-        kernels = sdpa_kernels(model, data[2], device)
-    except Exception as err:   # a profiler that cannot start here must not cost the step's numbers
-        kernels = [f"profiler failed: {err!r}"[:200]]
-    row["sdpa_kernels"] = kernels
-    row["sdpa_flash"] = any("flash" in k.lower() and "failed" not in k for k in kernels)
+        diagnose("cuda_syncs",
+                 lambda: {"cuda_syncs_per_step": cuda_sync_count(lambda: train_step(model, opt, data[0]))})
+
+    def host_syncs():
+        with HostSyncCounter() as sc:   # forward and backward: the optimizer's CPU step counters are no sync
+            parts(forward_loss(model, *data[1]))[0].backward()
+        opt.zero_grad(set_to_none=True)
+        return {"counted_syncs_per_step": sc.total, "counted_syncs_in_moe_layers": sc.count("model/moe/"),
+                "sync_sites": sc.by_site()}
+    diagnose("counted_syncs", host_syncs)
+
+    def kernels():
+        names = sdpa_kernels(model, data[2], device)
+        return {"sdpa_kernels": names, "sdpa_flash": any("flash" in k.lower() for k in names)}
+    diagnose("sdpa", kernels)
     del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -156,13 +180,26 @@ def ceilings(device, dtype, smoke: bool) -> dict:
     return out
 
 
-def run(device, dtype, warmup: int, repeat: int, smoke: bool, peaks: dict) -> list[dict]:
-    rows = []
-    for name in ("owt_ec", "owt_tc"):
-        try:
-            rows.append(run_one(name, device, dtype, warmup, repeat, smoke, peaks))
-        except torch.OutOfMemoryError as err:   # recorded: the table says so instead of stopping
-            rows.append({"config": name, "error": f"out of memory: {str(err)[:200]}"})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
+def ceilings_part(ctx, sink) -> None:
+    """One row: the measured matmul rate and copy bandwidth; ctx.peaks of later parts read it."""
+    sink.add({"case": "ceilings", **ceilings(ctx.device, ctx.dtype, ctx.smoke)})
+
+
+def run(ctx, sink, configs=STEP_CONFIGS) -> None:
+    """Each preset on its own, with an equal share of the time left; one that raises or runs
+    out of memory is its row's error."""
+    from benchmarks.gpu_guard import clean_up, guarded, limited
+    for i, name in enumerate(configs):
+        with limited(ctx.left() / (len(configs) - i), f"step {name}") as lim:
+            guarded(sink, {"config": name}, lambda: run_one(name, ctx, sink), ctx.device)
+        if lim.cut:
+            note_cut(sink, {"config": name}, lim)
+        clean_up(ctx.device)
+
+
+def note_cut(sink, base: dict, lim) -> None:
+    """Mark the row of a config that ran out of its share of time (or add one)."""
+    rows = [r for r in sink.rows if all(r.get(k) == v for k, v in base.items())]
+    row = rows[-1] if rows else sink.add(dict(base))
+    row["cut"] = f"cut after {lim.seconds:.0f} s, its share of the part's time"
+    sink.save()

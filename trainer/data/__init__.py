@@ -23,6 +23,7 @@ _EXPORTS = {
     "data_format": "meta",
     "SFTLoader": "sft_loader",
     "fixed_sft_eval_batches": "sft_loader",
+    "MixtureLoader": "mixture",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -227,3 +227,51 @@ def test_refusals_exit_2_with_one_line(sources, tmp_path, mix, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_benchmark_measures_both_loaders(sources, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/data_mixture.py", "--sources", str(sources["web"]),
+                           str(sources["qa"]), "--seq-len", "64", "--global-batch", "16", "--steps", "3",
+                           "--repeat", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = {r["loader"]: r for r in doc["rows"]}
+    assert set(rows) == {"single", "mixture"} and rows["single"]["build_ratio"] == 1.0
+    assert rows["mixture"]["micro_batches"] == 3 * 2 and 0 <= rows["mixture"]["data_wait_frac"] < 1
+    assert doc["meta"]["cpu_model"] and len(doc["meta"]["loadavg_before"]) == 3
+
+
+def test_validation_per_source_and_weighted_mean():
+    from model import DiffusionTransformer
+    from trainer.validation import evaluate, evaluate_sources
+    cfg = load_config("configs/tiny.yaml", ("model.vocab_size=64", "model.d_model=32", "model.n_layers=1",
+                                            "eval.num_ratio_points=4"))
+    torch.manual_seed(0)
+    model = DiffusionTransformer(cfg.model_config)
+    g = torch.Generator().manual_seed(1)
+    batches = {"a": [torch.randint(4, 64, (2, 32), generator=g)], "b": [torch.randint(4, 20, (2, 32), generator=g)]}
+    row = evaluate_sources(model, batches, {"a": 0.8, "b": 0.2}, cfg, 0, 1, torch.device("cpu"))
+    alone = {name: evaluate(model, b, cfg, 0, 1, torch.device("cpu")) for name, b in batches.items()}
+    assert row["val/loss/a"] == alone["a"]["val/loss"] and row["val/loss/b"] == alone["b"]["val/loss"]
+    assert row["val/loss/a"] != pytest.approx(row["val/loss/b"], rel=1e-3)
+    assert row["val/loss"] == pytest.approx(0.8 * row["val/loss/a"] + 0.2 * row["val/loss/b"], rel=1e-12)
+    assert row["val/loss_bin/00"] == pytest.approx(0.8 * alone["a"]["val/loss_bin/00"]
+                                                   + 0.2 * alone["b"]["val/loss_bin/00"], rel=1e-12)
+
+
+def test_train_loss_per_source_groups_the_sequences():
+    from model.diffusion import diffusion_loss, mask_tokens
+    from trainer.step_stats import loss_by_group
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, 50, (6, 16), generator=g)
+    masked = mask_tokens(tokens, torch.tensor([0.2, 0.5, 0.9, 0.3, 0.7, 0.4]), torch.rand(6, 16, generator=g), 3)
+    logits = torch.randn(int(masked.mask_BL.sum()), 50, generator=g)
+    rec = diffusion_loss(logits, tokens, masked)
+    groups = torch.tensor([1, 0, 1, 1, 0, 1])
+    num, cnt = loss_by_group(rec, groups, 2)
+    for i in range(2):   # brute force: each group's sequences alone, the ELBO numerator and token count
+        rows = (groups == i).nonzero().squeeze(1)
+        want = sum(float(rec.nll_BL[r].sum() / rec.ratio_B[r]) for r in rows.tolist())
+        assert float(num[i]) == pytest.approx(want, rel=1e-9) and float(cnt[i]) == 16 * len(rows)
+    assert float(num.sum() / cnt.sum()) == pytest.approx(float(rec.elbo), rel=1e-6)

@@ -114,6 +114,7 @@ class MixturePlan:
             self._cum = np.zeros((64, self.K), dtype=np.int64)
             self._cum[0] = consumed
             self._n = 1   # rows hold the cumulative counts before steps first .. first + n - 1
+            self._slots = None
 
     def _extend(self, step: int) -> None:
         while self._first + self._n - 1 < step:
@@ -143,14 +144,19 @@ class MixturePlan:
         return self.consumed(step + 1) - self.consumed(step)
 
     def slots(self, step: int) -> tuple:
-        """(source int64 [G], stream position int64 [G]) of each slot of global batch `step`."""
+        """(source int64 [G], stream position int64 [G]) of each slot of global batch `step`;
+        the last step's are kept (a step's micro-batches ask one after another)."""
+        cached = self._slots
+        if cached is not None and cached[0] == step:
+            return cached[1]
         start, counts = self.consumed(step), self.counts(step)
         src = np.repeat(np.arange(self.K), counts)
         k = np.concatenate([np.arange(c) for c in counts])
         key = (k + 0.5) / counts[src]
         order = np.lexsort((src, key))
         src, k = src[order], k[order]
-        return src, start[src] + k
+        self._slots = (step, (src, start[src] + k))
+        return self._slots[1]
 
 
 class _PackedReader:
@@ -158,8 +164,8 @@ class _PackedReader:
         self.sequences = PackedSequences(TokenStore(split_dir), seq_len, seed)
         self.num = self.sequences.num_sequences
 
-    def rows(self, positions: np.ndarray) -> Dict[str, torch.Tensor]:
-        return {"tokens": torch.from_numpy(self.sequences.batch(positions.tolist()))}
+    def rows(self, positions: np.ndarray) -> Dict[str, np.ndarray]:
+        return {"tokens": self.sequences.batch(positions.tolist())}
 
 
 class _SFTReader:
@@ -170,9 +176,9 @@ class _SFTReader:
             raise DataError(f"{examples.path} holds no examples; re-run prepare with a larger --seq-len or more data")
         self.shuffled, self.num = _ShuffledExamples(examples, seed), examples.num_examples
 
-    def rows(self, positions: np.ndarray) -> Dict[str, torch.Tensor]:
+    def rows(self, positions: np.ndarray) -> Dict[str, np.ndarray]:
         tokens, prompt_mask = self.shuffled.examples.read([self.shuffled.index_at(p) for p in positions])
-        return {"tokens": tokens, "prompt_mask": prompt_mask}
+        return {"tokens": tokens.numpy(), "prompt_mask": prompt_mask.numpy()}
 
 
 def _mixture_rows(plan: MixturePlan, readers: list, global_batch_size: int,
@@ -181,15 +187,17 @@ def _mixture_rows(plan: MixturePlan, readers: list, global_batch_size: int,
     src_G, pos_G = plan.slots(step)
     j = positions - step * global_batch_size
     src, pos = src_G[j], pos_G[j]
-    out: Dict[str, torch.Tensor] = {}
+    # assembled in numpy: a torch index_put may wake the intra-op thread pool, which on a busy
+    # host stalls for milliseconds (the prefetch thread should not compete with the step for it)
+    out: Dict[str, np.ndarray] = {}
     for i in np.unique(src):
         rows = np.nonzero(src == i)[0]
         for key, value in readers[i].rows(pos[rows]).items():
             if key not in out:
-                out[key] = torch.empty((len(positions), *value.shape[1:]), dtype=value.dtype)
-            out[key][torch.from_numpy(rows)] = value
-    out["source_ids"] = torch.from_numpy(src.astype(np.int64))
-    return out
+                out[key] = np.empty((len(positions), *value.shape[1:]), dtype=value.dtype)
+            out[key][rows] = value
+    out["source_ids"] = src.astype(np.int64)
+    return {key: torch.from_numpy(value) for key, value in out.items()}
 
 
 class MixtureLoader(PrefetchingLoader):

@@ -198,9 +198,10 @@ def test_paper_mix_preset_validates_with_local_sources(sources):
     assert check_sources(resolve_sources(cfg.data.mixture), 1024, 0, 3) == "pretrain"
 
 
-def run_main(*args):
+def run_main(run_dir, *args):   # one step into a scratch directory, should a refusal ever let it through
     return subprocess.run([sys.executable, "trainer/main.py", "--config", "configs/tiny.yaml", "model.vocab_size=1024",
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "train.max_steps=1", f"train.output_dir={run_dir}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.mark.parametrize("mix, message", [
@@ -222,7 +223,7 @@ def test_refusals_exit_2_with_one_line(sources, tmp_path, mix, message):
             for k in ("WEB", "OTHER")}
     for key in ("WEBSHA", "OTHERSHA", "WEB", "QA", "OTHER", "MISSING"):
         mix, message = mix.replace(key, {**paths, **shas}[key]), message.replace(key, {**paths, **shas}[key])
-    proc = run_main(f"data.mixture={mix}")
+    proc = run_main(tmp_path / "run", f"data.mixture={mix}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]

@@ -262,7 +262,7 @@ def validate_mixture(entries: list) -> None:
                               f"(it names metrics train/loss/<name>); set {where}.name")
         if name in names:
             raise ConfigError(f"{where} and data.mixture[{names[name]}] are both named {name!r}; "
-                              f"set a distinct name: for one of them")
+                              f"set a distinct name for one of them")
         names[name] = i
 
 

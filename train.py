@@ -2,7 +2,7 @@
 it (in-training tasks, reading Hugging Face directories for `init.from`), so that trainer/ never
 imports evaluation/.
 
-    deepspeed train.py --ds_config ds_configs/zero2.json [--config configs/NAME.yaml] [key=value ...]
+    deepspeed train.py --ds_config ds_configs/zero2.json [--config configs/NAME.yaml ...] [key=value ...]
 
 Also runs under `srun`/`mpirun` (RANK/WORLD_SIZE/MASTER_* set by the launcher script, or MPI
 discovery through mpi4py). Exit status: 0 done, 85 preempted by SIGUSR1 (requeue me), 86 stopped
@@ -32,10 +32,14 @@ from trainer.preemption import install_handlers, note_stop  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain a masked-diffusion MoE LM with DeepSpeed.")
     p.add_argument("--ds_config", default="ds_configs/zero2.json", help="DeepSpeed JSON (ZeRO settings)")
-    p.add_argument("--config", default="configs/tiny.yaml", help="YAML preset in configs/")
+    p.add_argument("--config", action="append",
+                   help="YAML preset in configs/ (default configs/tiny.yaml); repeat it to layer files, "
+                   "later ones overriding earlier ones")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.max_steps=50")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.config = args.config or ["configs/tiny.yaml"]
+    return args
 
 
 def run_hooks(cfg) -> RunHooks:

@@ -11,6 +11,7 @@ says so):
     capacity.png    the capacity schedules k(r) with their expected k
     moe.png         expert load CV and drop fraction per layer over training
     tasks.png       generation-task exact match (eval/<task>/exact_match) over training
+    sources.png     data mixtures (only when a run has one): training loss, validation loss and tokens seen per source
 and, when some runs were started by init.from, a table of drop fraction and load CV per layer:
 the other runs' last value against each started run's first and last value (before and after
 a router swap).
@@ -30,6 +31,8 @@ matplotlib.use("Agg")   # files only; no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
+
+from evaluation.report_sources import fig_sources, source_names  # noqa: E402
 
 TOKENS = "tokens seen"
 TOKENS_FMT = EngFormatter(places=0, sep="")
@@ -369,6 +372,8 @@ CAPTIONS = {
     "capacity.png": "Expert-choice capacity schedules k(r) (solid) with their expected k under r ~ U(0, 1) "
                     "(dashed); token choice shown as its fixed top-k.",
     "moe.png": "Expert load coefficient of variation and dropped fraction, per MoE layer (thin) and averaged (bold).",
+    "sources.png": "Data mixture: each source's training loss (from its sequences in the batch), validation "
+                   "loss on its own validation split (same mask-ratio grid as val/loss) and tokens seen.",
     "tasks.png": "Held-out exact match of greedy generation (eval.tasks with mode: generate) over training.",
 }
 
@@ -428,6 +433,8 @@ def build_report(run_dirs: list, out: str, names: Optional[list] = None, window:
               "efficiency.png": lambda: fig_efficiency(runs, out, window),
               "capacity.png": lambda: fig_capacity(runs, out), "moe.png": lambda: fig_moe(runs, out),
               "tasks.png": lambda: fig_tasks(runs, out)}
+    if any(source_names(run) for run in runs):   # only data-mixture runs have it; not "skipped" for others
+        makers["sources.png"] = lambda: fig_sources(runs, out, _colors, _finish, TOKENS, TOKENS_FMT)
     figures, skipped = [], []
     for name, make in makers.items():
         path = make()

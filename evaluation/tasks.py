@@ -80,6 +80,8 @@ class TrainingTasks:
         self.tokenizer = None   # read on the first evaluation: preflight must not need it
 
     def check(self, cfg) -> None:
+        """Preflight, with the config as resolved there (a mixture's data.path is its first source's)."""
+        self.data_path = cfg.data.path
         check_tasks(self.tasks, max_seq_len=self.max_seq_len)
 
     def evaluate(self, model, step: int, rank: int, world: int) -> dict:

@@ -61,9 +61,20 @@ class OptimConfig:
 
 
 @dataclass
+class MixtureEntry:
+    """One source of a data mixture (docs/data.md): a prepared directory and its share of every batch."""
+    path: str = ""
+    weight: float = 0.0                       # > 0; weights that do not sum to 1 are normalized
+    name: Optional[str] = None                # metric suffix (train/loss/<name>); default the directory's name
+
+
+@dataclass
 class DataConfig:
     path: str = "data/default"                # a directory written by `python -m trainer.data prepare`
     prefetch: int = 2
+    # several prepared directories blended by weight (trainer/data/mixture.py); when given, data.path
+    # is set to the first source's (the tokenizer's home, which every source shares)
+    mixture: list[MixtureEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -201,8 +212,33 @@ def validate_train(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be > 0 seconds")
     if t.hang_timeout_s < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 seconds (0 disables the watchdog)")
+    validate_mixture(cfg.data.mixture)
     if cfg.init.source is not None and not (isinstance(cfg.init.source, str) and cfg.init.source):
         raise ConfigError(f"init.from={cfg.init.source!r} must be a path (a run, checkpoint or Hugging Face directory)")
+
+
+def mixture_name(entry: MixtureEntry) -> str:
+    return entry.name or os.path.basename(os.path.normpath(entry.path))
+
+
+def validate_mixture(entries: list) -> None:
+    """The mixture's own values (its directories are checked in the trainer's preflight)."""
+    names = {}
+    for i, entry in enumerate(entries):
+        where = f"data.mixture[{i}]"
+        if not entry.path:
+            raise ConfigError(f"{where}.path is required (a directory written by `python -m trainer.data prepare`)")
+        if not entry.weight > 0:
+            raise ConfigError(f"{where}.weight={entry.weight!r} (source {mixture_name(entry)}) must be > 0; "
+                              f"drop the source to leave it out")
+        name = mixture_name(entry)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{where}.name={name!r} must be letters, digits, '_', '.' or '-' "
+                              f"(it names metrics train/loss/<name>); set {where}.name")
+        if name in names:
+            raise ConfigError(f"{where} and data.mixture[{names[name]}] are both named {name!r}; "
+                              f"set a distinct name for one of them")
+        names[name] = i
 
 
 # ---- YAML + overrides --------------------------------------------------------------------------
@@ -241,16 +277,26 @@ def apply_override(tree: dict, path: list, value) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
-    """Preset YAML (or the defaults) + dotted overrides -> validated RunConfig."""
+def merge_tree(base: dict, over: dict) -> dict:
+    """`over` laid on `base`: sections merge key by key, anything else (a list too) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_tree(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path=None, overrides: tuple = ()) -> RunConfig:
+    """Preset YAML file(s) (or the defaults) + dotted overrides -> validated RunConfig. `path` may
+    be a list of files: later ones override earlier ones, section by section."""
     tree: dict = {}
-    if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path} does not exist (presets are in configs/)")
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for one in ([path] if isinstance(path, str) else path or []):
+        if not os.path.exists(one):
+            raise ConfigError(f"config file {one} does not exist (presets are in configs/)")
+        with open(one) as f:
+            layer = yaml.safe_load(f) or {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"config file {one} must hold a mapping of sections")
+        tree = merge_tree(tree, layer)
     for item in overrides:
         apply_override(tree, *parse_override(item))
     return run_config_from_dict(tree)

@@ -25,7 +25,7 @@ from .noise import global_batch_noise
 from .preemption import EXIT_DIVERGED, PreemptionWatcher
 from .session import Session, setup
 from .step_stats import StepStats, WindowStats, load_cv
-from .validation import evaluate
+from .validation import evaluate, evaluate_sources
 
 log = logging.getLogger("ecdlm")
 
@@ -46,7 +46,7 @@ def train_step(s: Session, step: int, stats: StepStats, bias: ExpertBiasBalancer
         guard.add_micro(fwd.loss)   # before engine.step(): the boundary's check reads it
         s.engine.backward(fwd.loss)
         s.engine.step()   # DeepSpeed steps the optimizer only at the accumulation boundary
-        stats.add_micro(fwd)   # on the device: no host sync
+        stats.add_micro(fwd, mb.source_ids)   # on the device: no host sync
         bias.add_micro(fwd)
     health = guard.finish_step()
     if health.skipped:
@@ -72,7 +72,8 @@ def train(s: Session, evaluate_tasks=None) -> int:
     guard = StepGuard(s.engine, watcher.local_flags)   # carries the preemption flags: one collective a step
     skipped_in_row = skipped_in_window = 0
     healthy = True   # no non-finite step since the last save
-    stats = StepStats(len(s.model.moe_layers()), cfg.moe.num_experts)
+    sources = getattr(s.loader, "sources", [])   # a data mixture's (trainer/data/mixture.py), else none
+    stats = StepStats(len(s.model.moe_layers()), cfg.moe.num_experts, len(sources))
     peak = device_peak_tflops(t.peak_tflops)
     cdev = comm_device()
     bias = ExpertBiasBalancer(s.model, s.device, cdev)
@@ -80,7 +81,9 @@ def train(s: Session, evaluate_tasks=None) -> int:
     step, exit_code = s.start_step, 0
 
     def run_eval() -> None:
-        row = evaluate(s.model, s.val_batches, cfg, s.rank, s.world, s.device)
+        row = (evaluate_sources(s.model, s.val_batches, {src.name: src.weight for src in sources}, cfg, s.rank,
+                                s.world, s.device) if sources else
+               evaluate(s.model, s.val_batches, cfg, s.rank, s.world, s.device))
         metrics.log({"step": step, "tokens": step * G * L, **row})
 
     def run_tasks() -> None:   # collective: every rank calls it every step; no-op unless a task is due
@@ -99,6 +102,9 @@ def train(s: Session, evaluate_tasks=None) -> int:
                 torch.cuda.synchronize()
             step += 1
             watchdog.beat()
+            if sources and s.rank == 0:
+                for line in s.loader.new_epochs(step - 1, step):
+                    log.info(line)
             # a skipped step's norm is ours (nan or inf): ZeRO computes none and keeps the last one
             stats.add_step(time.time() - t0, s.loader.wait_seconds - wait0,
                            health.grad_norm if health.nonfinite else s.engine.get_global_grad_norm())
@@ -108,7 +114,12 @@ def train(s: Session, evaluate_tasks=None) -> int:
             if health.nonfinite:
                 exit_code = nonfinite_verdict(t, step, health, skipped_in_row, s.rank)
             if step % t.log_every == 0 or step == t.max_steps or exit_code:
-                row = metrics_row(cfg, stats.reduce(cdev), step, lr, s.world, peak, s.device, layer_ids)
+                window = stats.reduce(cdev)
+                row = metrics_row(cfg, window, step, lr, s.world, peak, s.device, layer_ids)
+                if sources:   # the per-source losses of the window, and the data read so far
+                    row.update({f"train/loss/{src.name}": v
+                                for src, v in zip(sources, window.source_loss)})
+                    row.update(s.loader.accounting(step))
                 metrics.log({**row, "train/skipped_steps": skipped_in_window})
                 stats.reset()
                 skipped_in_window = 0

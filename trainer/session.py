@@ -3,6 +3,7 @@ DeepSpeed engine, data, and resume. Returns a Session, everything the loop needs
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,8 @@ from model import DiffusionTransformer
 from model.config import ConfigError
 from trainer.data import (PackedLoader, SFTLoader, TokenStore, check_vocab, data_format, fixed_eval_batches,
                           fixed_sft_eval_batches)
+from trainer.data.mixture import (MixtureLoader, check_sources, fixed_source_eval_batches, normalization_note,
+                                  resolve_sources)
 from trainer.data.sft_loader import SFTExamples
 
 from rundir import checkpoints
@@ -44,15 +47,22 @@ def preflight(cfg: RunConfig, ds_config_path: str, hooks: RunHooks = RunHooks())
     if cfg.moe.router != "dense" and world % cfg.moe.ep_size:
         raise ConfigError(f"moe.ep_size={cfg.moe.ep_size} must divide the world size {world}")
     resolve_ds_config(ds_raw, cfg, world, bf16=False, has_moe=cfg.moe.router != "dense", src=ds_config_path)
-    for split in ("train", "val"):
-        if not os.path.exists(os.path.join(cfg.data.path, split, "meta.json")):
-            raise FileNotFoundError(f"data.path={cfg.data.path} has no prepared {split} split; run "
-                                    f"`python -m trainer.data prepare --out {cfg.data.path}` first")
-    check_vocab(cfg.data.path, cfg.model.vocab_size, cfg.model.pad_id, cfg.model.mask_id, data_path=cfg.data.path)
-    cfg = resolve_mode(cfg, data_format(cfg.data.path))   # before the resume check: it compares configs
-    for split in ("train", "val"):   # every file present and as long as meta.json says
-        split_dir = os.path.join(cfg.data.path, split)
-        TokenStore(split_dir) if cfg.train.mode == "pretrain" else SFTExamples(split_dir, cfg.train.seq_len)
+    if cfg.data.mixture:   # every source present, one tokenizer, one format; data.path: the first source's
+        sources = resolve_sources(cfg.data.mixture)
+        fmt = check_sources(sources, cfg.model.vocab_size, cfg.model.pad_id, cfg.model.mask_id)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=sources[0].path))
+    else:
+        for split in ("train", "val"):
+            if not os.path.exists(os.path.join(cfg.data.path, split, "meta.json")):
+                raise FileNotFoundError(f"data.path={cfg.data.path} has no prepared {split} split; run "
+                                        f"`python -m trainer.data prepare --out {cfg.data.path}` first")
+        check_vocab(cfg.data.path, cfg.model.vocab_size, cfg.model.pad_id, cfg.model.mask_id, data_path=cfg.data.path)
+        fmt = data_format(cfg.data.path)
+    cfg = resolve_mode(cfg, fmt)   # before the resume check: it compares configs
+    for path in data_dirs(cfg):
+        for split in ("train", "val"):   # every file present and as long as meta.json says
+            split_dir = os.path.join(path, split)
+            TokenStore(split_dir) if cfg.train.mode == "pretrain" else SFTExamples(split_dir, cfg.train.seq_len)
     hooks.check(cfg)   # the in-training evaluation's files, before anything expensive
     stage = ds_raw.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2):
@@ -66,6 +76,10 @@ def preflight(cfg: RunConfig, ds_config_path: str, hooks: RunHooks = RunHooks())
     return cfg, ds_raw, resume
 
 
+def data_dirs(cfg: RunConfig) -> list:
+    return [e.path for e in cfg.data.mixture] or [cfg.data.path]
+
+
 @dataclass
 class Session:
     """Everything a training run holds after set-up."""
@@ -74,7 +88,7 @@ class Session:
     model: DiffusionTransformer
     scheduler: object
     loader: PackedLoader
-    val_batches: list
+    val_batches: object   # a list of batches; for a data mixture {source name: list of batches}
     device: torch.device
     rank: int
     world: int
@@ -113,6 +127,15 @@ def open_data(cfg: RunConfig, rank: int, world: int) -> tuple:
     """(train loader, fixed validation batches) for the run's mode: packed token streams for
     pretraining, one example per sequence with its prompt mask for supervised fine-tuning."""
     t = cfg.train
+    if cfg.data.mixture:
+        sources = resolve_sources(cfg.data.mixture)
+        note = normalization_note(sources)
+        if note:
+            log.warning(note)
+        log.info("data mixture: %s", ", ".join(f"{s.name} {s.weight:.4g} ({s.path})" for s in sources))
+        loader = MixtureLoader(sources, "train", t.mode, t.seq_len, t.global_batch_size, t.micro_batch_size,
+                               rank, world, t.seed, prefetch=cfg.data.prefetch)
+        return loader, fixed_source_eval_batches(sources, t.mode, t.seq_len, cfg.eval.batch_size, cfg.eval.batches)
     train_dir, val_dir = (os.path.join(cfg.data.path, split) for split in ("train", "val"))
     Loader, eval_batches = ((SFTLoader, fixed_sft_eval_batches) if t.mode == "sft"
                             else (PackedLoader, fixed_eval_batches))

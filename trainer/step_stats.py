@@ -32,6 +32,7 @@ class WindowStats:
     drop: list                      # per MoE layer
     load: torch.Tensor              # [layers, E] tokens per expert
     bin_loss: list                  # validation-style ELBO per mask-ratio bin (None where empty)
+    source_loss: list               # data mixtures: ELBO over each source's sequences (None where none)
     step_s: float                   # mean over ranks of the mean step time
     rank_spread_s: float            # slowest minus fastest rank
     wait_frac: float                # this rank's share of step time spent waiting for data
@@ -39,8 +40,8 @@ class WindowStats:
 
 
 class StepStats:
-    def __init__(self, num_moe_layers: int, num_experts: int):
-        self.L, self.E = num_moe_layers, num_experts
+    def __init__(self, num_moe_layers: int, num_experts: int, num_sources: int = 0):
+        self.L, self.E, self.S = num_moe_layers, num_experts, num_sources
         self.reset()
 
     def reset(self) -> None:
@@ -52,10 +53,11 @@ class StepStats:
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)   # noqa: E731
         return {"loss": z(()), "micro_batches": z(()), "z_loss": z(()), "aux_loss": z(()), "mean_k": z(()),
                 "masked": z(()), "assignments": z(()), "drop": z(self.L), "load": z(self.L, self.E),
-                "bin_num": z(NUM_BINS), "bin_cnt": z(NUM_BINS)}
+                "bin_num": z(NUM_BINS), "bin_cnt": z(NUM_BINS),
+                "src_num": z(self.S), "src_cnt": z(self.S)}
 
-    def add_micro(self, fwd) -> None:
-        """One micro-batch's TrainingForward. Everything stays a tensor on the model's device: no
+    def add_micro(self, fwd, source_ids=None) -> None:
+        """One micro-batch's TrainingForward (and, in a data mixture, each row's source id). Everything stays a tensor on the model's device: no
         .item() or .cpu() here, so on a GPU the host never waits for the micro-batch to finish
         (one sync per log window, in reduce())."""
         rec, moe = fwd.diffusion, fwd.output.moe
@@ -77,6 +79,10 @@ class StepStats:
         num, cnt = loss_by_ratio_bin(rec, NUM_BINS)
         s["bin_num"] += num
         s["bin_cnt"] += cnt
+        if self.S and source_ids is not None:
+            num, cnt = loss_by_group(rec, source_ids.to(loss.device), self.S)
+            s["src_num"] += num
+            s["src_cnt"] += cnt
 
     def add_step(self, seconds: float, wait_seconds: float, grad_norm) -> None:
         self.steps += 1
@@ -106,9 +112,21 @@ class StepStats:
             masked_per_step=float(tot["masked"]) / steps, assignments_per_step=float(tot["assignments"]) / steps,
             drop=(tot["drop"] / micro).tolist(), load=tot["load"],
             bin_loss=[float(n / c) if c > 0 else None for n, c in zip(tot["bin_num"], tot["bin_cnt"])],
+            source_loss=[float(n / c) if c > 0 else None for n, c in zip(tot["src_num"], tot["src_cnt"])],
             step_s=float(times.mean()), rank_spread_s=float(times.max() - times.min()),
             wait_frac=self.wait_seconds / max(self.step_seconds, 1e-9),
             grad_norm=sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None)
+
+
+def loss_by_group(rec, group_B: torch.Tensor, num_groups: int) -> tuple:
+    """ELBO numerator (sum of CE / r_b) and maskable-token count per group of sequences (a data
+    mixture's sources), summable across micro-batches and ranks, as loss_by_ratio_bin does per bin."""
+    r_B = rec.ratio_B.clamp_min(1e-6)
+    seq_num_B = (rec.nll_BL.sum(1) / r_B).double()
+    seq_tok_B = torch.round(rec.mask_BL.sum(1) / r_B).double()   # maskable per sequence
+    num = torch.zeros(num_groups, dtype=torch.float64, device=seq_num_B.device).index_add_(0, group_B, seq_num_B)
+    cnt = torch.zeros(num_groups, dtype=torch.float64, device=seq_num_B.device).index_add_(0, group_B, seq_tok_B)
+    return num, cnt
 
 
 def load_cv(load_E: torch.Tensor) -> float:

@@ -51,3 +51,16 @@ def evaluate(model, batches: list, cfg, rank: int, world: int, device) -> dict:
     for j in range(n):
         row[f"val/loss_bin/{j:02d}"] = float(num[j] / cnt[j]) if cnt[j] > 0 else None
     return row
+
+
+def evaluate_sources(model, batches: dict, weights: dict, cfg, rank: int, world: int, device) -> dict:
+    """A data mixture's validation: `evaluate` on each source's own batches (the same grid and noise
+    seed), logged as val/loss/<source>, and val/loss (and each bin) as their mean weighted by the
+    mixture's normalized weights, so it reads like a single-source run's val/loss."""
+    rows = {name: evaluate(model, b, cfg, rank, world, device) for name, b in batches.items()}
+    out = {f"val/loss/{name}": row["val/loss"] for name, row in rows.items()}
+    for key in rows[next(iter(rows))]:
+        have = [(weights[name], row[key]) for name, row in rows.items() if row[key] is not None]
+        total = sum(w for w, _ in have)
+        out[key] = sum(w * v for w, v in have) / total if have else None
+    return out

@@ -11,7 +11,7 @@ import importlib
 # Exports resolve lazily: tokenizer worker processes import this package, and pulling
 # torch (via the loader) into each of them would cost seconds and memory for nothing.
 _EXPORTS = {
-    "DataError": "errors",
+    "DataError": "rundir.errors",   # the run directory's: readers below the trainer raise it too
     "FORMAT_VERSION": "meta",
     "load_meta": "meta",
     "check_vocab": "meta",
@@ -23,6 +23,7 @@ _EXPORTS = {
     "data_format": "meta",
     "SFTLoader": "sft_loader",
     "fixed_sft_eval_batches": "sft_loader",
+    "MixtureLoader": "mixture",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -31,7 +32,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    where = _EXPORTS[name]
+    value = getattr(importlib.import_module(where if "." in where else f"{__name__}.{where}"), name)
     globals()[name] = value
     return value
 

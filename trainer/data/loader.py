@@ -35,6 +35,8 @@ class MicroBatch:
     micro_step: int
     # SFT only: bool [micro_batch_size, seq_len], True at prompt positions (never masked, no loss)
     prompt_mask: Optional[torch.Tensor] = None
+    # data mixtures only: int64 [micro_batch_size], each row's source (trainer/data/mixture.py)
+    source_ids: Optional[torch.Tensor] = None
 
 
 class _Failed:
@@ -225,6 +227,10 @@ class PrefetchingLoader:
     def load_state_dict(self, state: Dict) -> None:
         """Continue from a saved position. dp_size and micro_batch_size may differ from the
         saving run (positions are global); seed, seq_len and global batch size may not."""
+        if "mixture" in state and type(self).load_state_dict is PrefetchingLoader.load_state_dict:
+            raise DataError(f"cannot resume: the checkpoint was written by a data.mixture run "
+                            f"({', '.join(state['mixture']['names'])}), this run reads one source (data.path); "
+                            f"start a new run (train.resume=never) or restore data.mixture")
         if state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"loader state has format_version={state.get('format_version')}, expected {FORMAT_VERSION}")
         for field in ("seed", "seq_len", "global_batch_size"):

@@ -311,7 +311,13 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
         if not os.path.exists(path):
             raise ConfigError(f"config file {path} does not exist (presets are in configs/)")
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            try:
+                tree = yaml.safe_load(f)
+            except yaml.YAMLError as err:   # the parser's message has the line and column
+                raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        if tree is None:
+            raise ConfigError(f"config file {path} is empty: it would train the built-in default model, which is "
+                              f"not what an empty file says; give a preset from configs/ (e.g. configs/tiny.yaml)")
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     for item in overrides:
@@ -320,8 +326,6 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    data = cfg.to_dict()
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, path)
+    from trainer.checkpoint_store import atomic_file   # exclusive temporary, atomic replace
+    with atomic_file(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

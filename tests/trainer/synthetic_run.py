@@ -18,7 +18,7 @@ from trainer.checkpoints import tag_for, write_latest
 from trainer.engine.checkpoint import write_consolidation_script
 
 ARCH = {"model": {"vocab_size": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32},
-        "moe": {"router": "token_choice", "num_experts": 4, "expert_hidden": 16, "k": 2}}
+        "moe": {"router": "token_choice", "num_experts": 4, "expert_hidden": 16, "k": 2, "renormalize": False}}
 
 
 def tiny_cfg() -> ModelConfig:

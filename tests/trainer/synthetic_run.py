@@ -13,8 +13,8 @@ import yaml
 
 from model import DiffusionTransformer, from_dict
 from model.config import ModelConfig
-from trainer.checkpoint_store import STATE, WEIGHTS, FragmentWriter, file_digest, write_json, write_manifest
-from trainer.checkpoints import tag_for, write_latest
+from trainer.checkpoint_store import WEIGHTS, FragmentWriter, write_json
+from trainer.checkpoints import STATE, file_digest, tag_for, write_manifest
 from trainer.engine.checkpoint import write_consolidation_script
 
 ARCH = {"model": {"vocab_size": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32},
@@ -55,7 +55,7 @@ def write_run(run_dir: Path, steps=(2, 4, 6)) -> dict:
         {**sections(cfg), "train": {"run_name": "synthetic", "output_dir": str(run_dir), "seq_len": 16},
          "data": {"path": str(Path(run_dir) / "no-data")}}, sort_keys=False))
     out = {s: write_checkpoint(root, s, cfg) for s in steps}
-    write_latest(str(root), steps[-1])
+    (root / "latest").write_text(tag_for(steps[-1]) + "\n")
     write_consolidation_script(str(root))
     return out
 

@@ -17,10 +17,18 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.synthetic_run import reseal, write_run
-from trainer import checkpoint_store
-from trainer.checkpoint_store import CheckpointError, FragmentReader, consolidate
-from trainer.checkpoints import find_checkpoint, prune, resolve_checkpoint, write_latest, write_manifest
+from trainer import checkpoint_store, checkpoints
+from trainer.checkpoint_store import FragmentReader, consolidate
+from trainer.checkpoints import CheckpointError, find_checkpoint, prune, write_manifest
 from trainer.engine.checkpoint import write_consolidation_script
+
+
+def resolve_checkpoint(path):
+    return checkpoints.resolve_checkpoint(path)
+
+
+def write_latest(root, step):
+    return checkpoints.write_latest(root, step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -259,33 +267,46 @@ def _weights(ckpt) -> dict:
     return {n: t.float() for n, t in FragmentReader(str(ckpt)).iter_full()}
 
 
-def test_zero_to_fp32_takes_deepspeeds_documented_commands(run, tmp_path):
+def _shards(folder) -> dict:
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(str(folder / "model.safetensors"))
+    got = {}
+    for s in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        got.update(load_file(str(folder / s)))
+    return got
+
+
+def test_zero_to_fp32_takes_deepspeeds_documented_commands(run):
+    """The commands of docs/operations-safety.md, as DeepSpeed documents its own script."""
     run_dir, ckpts = run
     root = run_dir / "checkpoints"
-    # DeepSpeed's docstring: `python zero_to_fp32.py . output_dir/` from the folder holding `latest`
-    proc = _script(root, ".", "output_dir/")
-    assert proc.returncode == 0, proc.stderr
-    got = load_file(str(root / "output_dir" / "model.safetensors"))
-    want = _weights(ckpts[6])
-    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
-    # `... --safe_serialization` (always safetensors here), -t/--tag, sharding with an index
-    proc = _script(root, ".", str(tmp_path / "tagged"), "--safe_serialization", "-t", "step_00000004",
-                   "--max_shard_size", "20KB")
-    assert proc.returncode == 0, proc.stderr
-    index = json.loads((tmp_path / "tagged" / "model.safetensors.index.json").read_text())
+    for args, ckpt, out in (((".", "output_dir/"), 6, "output_dir"),
+                            ((".", "safe_dir/", "--safe_serialization"), 6, "safe_dir"),
+                            ((".", "tagged_dir/", "-t", "step_00000004", "--max_shard_size", "20KB"), 4, "tagged_dir")):
+        proc = _script(root, *args)
+        assert proc.returncode == 0, proc.stderr
+        got, want = _shards(root / out), _weights(ckpts[ckpt])
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), args
+    index = json.loads((root / "tagged_dir" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1 and all(s.startswith("model-0000") for s in shards)
-    got = {}
-    for s in shards:
-        got.update(load_file(str(tmp_path / "tagged" / s)))
-    want = _weights(ckpts[4])
-    assert sorted(got) == sorted(index["weight_map"]) == sorted(want)
-    assert all(torch.equal(got[k], want[k]) for k in want)
-    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in want.values())
+    assert len(shards) > 1 and all(s.startswith("model-0000") and s.endswith(f"-of-{len(shards):05d}.safetensors")
+                                   for s in shards)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in _weights(ckpts[4]).values())
+    assert not (root / "output_dir" / "model.safetensors.index.json").exists()   # one shard: no index
     # the old form still works: one checkpoint directory, one file
-    proc = _script(root, str(ckpts[2]), str(tmp_path / "one.safetensors"), cwd=tmp_path)
+    proc = _script(root, "step_00000002", "one_file.safetensors")
     assert proc.returncode == 0, proc.stderr
-    assert torch.equal(load_file(str(tmp_path / "one.safetensors"))["embed.weight"], _weights(ckpts[2])["embed.weight"])
+    assert torch.equal(load_file(str(root / "one_file.safetensors"))["embed.weight"], _weights(ckpts[2])["embed.weight"])
+
+
+def test_verify_cli_names_every_damaged_checkpoint(run, capsys):
+    run_dir, ckpts = run
+    flip_bytes(ckpts[4] / "tensors" / "rank00001.safetensors")
+    assert checkpoints.main(["verify", str(run_dir)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok ") and out[2].startswith("ok ")
+    assert out[1].startswith("DAMAGED") and "step_00000004/tensors/rank00001.safetensors: checksum differs" in out[1]
 
 
 def test_zero_to_fp32_refuses_damage_bad_tags_and_existing_outputs_in_one_line(run, tmp_path):

@@ -60,6 +60,23 @@ def test_prepare_into_a_prepared_dataset_is_refused_unless_overwrite(corpus_copy
     assert (corpus_copy / "tokenizer.model").read_bytes() != before[corpus_copy / "tokenizer.model"]
 
 
+def test_the_documented_prepare_commands(tmp_path):
+    """docs/operations-safety.md: a new directory, refused the second time, replaced with --overwrite."""
+    small_files(tmp_path / "src")
+    cmd = ["--out", "data/mine", "--files", "src/*.txt", "--vocab-size", 300, "--num-workers", 0]
+    first = subprocess.run([sys.executable, "-m", "trainer.data", "prepare", *map(str, cmd)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert first.returncode == 0, first.stderr[-3000:]
+    meta = (tmp_path / "data" / "mine" / "meta.json").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "trainer.data", "prepare", *map(str, cmd)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert "is a prepared dataset" in error_lines(again)[0]
+    assert (tmp_path / "data" / "mine" / "meta.json").read_bytes() == meta
+    over = subprocess.run([sys.executable, "-m", "trainer.data", "prepare", *map(str, cmd), "--overwrite"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert over.returncode == 0, over.stderr[-3000:]
+
+
 # ---- item 8 --------------------------------------------------------------------------------------
 def _poison(split_dir, offset, value=65535, n=64):
     shard = split_dir / "shard_00000.bin"

@@ -224,9 +224,10 @@ def test_planted_links_at_the_old_temporary_names_are_never_written_through(run,
         (root / name).symlink_to(victim)
         victims[name] = victim
     (ckpts[4] / "COMPLETE.tmp").symlink_to(victims["latest.tmp"])
-    write_latest(str(root), 4)
     write_consolidation_script(str(root))
     write_manifest(str(ckpts[4]), 4, json.loads((ckpts[4] / "COMPLETE").read_text())["files"], healthy=True)
+    assert all(v.read_text() == "precious\n" for v in victims.values())
+    write_latest(str(root), 4)
     assert all(v.read_text() == "precious\n" for v in victims.values())
     assert (root / "latest").read_text() == "step_00000004\n" and not (root / "latest").is_symlink()
     latest_link = root / "latest"   # a link planted at the final name is replaced, not followed

@@ -202,6 +202,18 @@ def test_a_damaged_checkpoint_does_not_count_towards_keep_last(run, caplog):
     assert names == ["step_00000004", "step_00000005", "step_00000006"]   # 4 kept, 6 left for a person
 
 
+def test_a_damaged_older_checkpoint_is_not_counted_nor_removed(run):
+    run_dir, ckpts = run
+    root = run_dir / "checkpoints"
+    (ckpts[4] / "state.json").write_text("{}")                   # damaged, in a way sizes show
+    from tests.trainer.synthetic_run import tiny_cfg, write_checkpoint
+    new = write_checkpoint(root, 8, tiny_cfg())
+    prune(str(root), keep_last=3, current=str(new))
+    # three usable ones kept (2, 6, 8): the damaged 4 took no healthy one's place, and stays
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == \
+        ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]
+
+
 def test_an_abandoned_checkpoint_that_still_verifies_by_size_is_not_counted(run):
     run_dir, ckpts = run
     root = run_dir / "checkpoints"

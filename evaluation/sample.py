@@ -261,7 +261,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model, cfg, tok = load_run(args.run, args.device, args.tokenizer)
+    try:
+        model, cfg, tok = load_run(args.run, args.device, args.tokenizer)
+    except (ValueError, OSError) as err:   # CheckpointError, ConfigError, DataError: the path or file is named
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     g = torch.Generator(device=model_device(model)).manual_seed(args.seed)
     calls, seconds, n_tokens = 0, 0.0, 0
     for i in range(0, len(prompts), args.batch_size):

@@ -293,7 +293,13 @@ def load_config(path=None, overrides: tuple = ()) -> RunConfig:
         if not os.path.exists(one):
             raise ConfigError(f"config file {one} does not exist (presets are in configs/)")
         with open(one) as f:
-            layer = yaml.safe_load(f) or {}
+            try:
+                layer = yaml.safe_load(f)
+            except yaml.YAMLError as err:   # the parser's message has the line and column
+                raise ConfigError(f"config file {one} is not valid YAML: {' '.join(str(err).split())}") from None
+        if layer is None:
+            raise ConfigError(f"config file {one} is empty: it would train the built-in default model, which is "
+                              f"not what an empty file says; give a preset from configs/ (e.g. configs/tiny.yaml)")
         if not isinstance(layer, dict):
             raise ConfigError(f"config file {one} must hold a mapping of sections")
         tree = merge_tree(tree, layer)
@@ -303,8 +309,6 @@ def load_config(path=None, overrides: tuple = ()) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    data = cfg.to_dict()
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, path)
+    from rundir.checkpoint_store import atomic_file   # exclusive temporary, atomic replace
+    with atomic_file(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

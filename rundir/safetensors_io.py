@@ -100,15 +100,51 @@ def shard_files(path: str) -> list:
     """The safetensors files of a directory, in index order; refuses pickled-only directories."""
     index = os.path.join(path, INDEX)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return list(dict.fromkeys(weight_map.values()))
+        return list(dict.fromkeys(read_weight_map(index).values()))
     if os.path.exists(os.path.join(path, SINGLE)):
+        check_safetensors(os.path.join(path, SINGLE))
         return [SINGLE]
     pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(path, f))]
     why = (f"only pickled weights ({pickled[0]}), which are never loaded here: convert them to safetensors "
            "where you trust them" if pickled else f"no {SINGLE} or {INDEX}")
     raise FileNotFoundError(f"{path}: {why}")
+
+
+MAX_INDEX_BYTES = 64 << 20
+
+
+def read_weight_map(index: str) -> dict:
+    """{tensor: shard file} of an index. Every shard must be a plain file name in the index's own
+    directory: a name with a path in it (`../other/model.safetensors`) is refused, never read."""
+    from rundir.checkpoint_store import CheckpointError, read_json_capped
+    try:
+        data = read_json_capped(index, "a safetensors index")
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no weight_map object of tensor names to shard files")
+    folder = os.path.dirname(index)
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str) or os.path.basename(file) != file or file in ("", ".", "..") \
+                or not file.endswith(".safetensors"):
+            raise ValueError(f"{index}: weight_map[{tensor!r}] = {file!r} is not a .safetensors file name in "
+                             f"{folder}; refusing to read outside the directory")
+    for file in dict.fromkeys(weight_map.values()):
+        check_safetensors(os.path.join(folder, file))
+    return weight_map
+
+
+def check_safetensors(file: str) -> None:
+    """ValueError naming `file` when it is not a safetensors file (before safetensors' own parser
+    sees it, whose errors do not name the file)."""
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: missing (named by the directory's weights)") from None
+    except Exception as err:   # noqa: BLE001 - safetensors' error type has no stable import path
+        raise ValueError(f"{file}: not a safetensors file ({err})") from None
 
 
 def tensor_names(path: str) -> list:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from .checkpoint_store import WEIGHTS, FragmentReader
-from .checkpoints import COMPLETE, find_checkpoint
+from .checkpoints import resolve_checkpoint
 from .config import load_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +43,10 @@ def full_model_state(path: str) -> dict:
 
 
 def checkpoint_and_config(run_or_ckpt: str):
-    """(checkpoint directory, RunConfig with moe.ep_size=1) of a run directory (its newest
-    complete checkpoint) or of a checkpoint directory, without loading any weights."""
-    ckpt = run_or_ckpt if os.path.exists(os.path.join(run_or_ckpt, COMPLETE)) else find_checkpoint(run_or_ckpt, "auto")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_or_ckpt}: no complete checkpoint found")
+    """(checkpoint directory, RunConfig with moe.ep_size=1) of a run directory (its newest usable
+    checkpoint), its checkpoints/ folder or one checkpoint directory, without loading any weights.
+    Whatever the path, the checkpoint is verified (manifest, checksums, structure) first:
+    CheckpointError (a FileNotFoundError) names what is wrong."""
+    ckpt = resolve_checkpoint(run_or_ckpt)
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
     return ckpt, load_config(os.path.join(run_dir, "config.yaml"), ("moe.ep_size=1",))

@@ -96,6 +96,8 @@ class Session:
     ep_rank: int
     expert_dp_rank: int
     start_step: int = 0
+    abandoned: tuple = ()   # checkpoints newer than the one resumed from (skipped as damaged, or
+                            # past where `latest` was pointed back): pruning leaves them alone
 
     @property
     def run_dir(self) -> str:
@@ -110,7 +112,7 @@ class Session:
     def save(self, step: int, healthy: bool = True) -> str:
         return engine_ckpt.save_checkpoint(self.engine, self.model, self.run_dir, step, self.run_state(step),
                                            layout=self.layout, keep_last=self.cfg.train.keep_last,
-                                           scheduler=self.scheduler, healthy=healthy)
+                                           scheduler=self.scheduler, healthy=healthy, abandoned=self.abandoned)
 
     def load(self, path: str) -> int:
         state = engine_ckpt.load_checkpoint(self.engine, self.model, path, layout=self.layout,
@@ -159,7 +161,7 @@ def setup(cfg: RunConfig, ds_config_path: str, hooks: RunHooks = RunHooks()) -> 
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        with open(os.path.join(cfg.run_dir, "ds_config.json"), "w") as f:
+        with checkpoints.atomic_file(os.path.join(cfg.run_dir, "ds_config.json"), "w") as f:
             json.dump(ds, f, indent=2)
     dist.barrier()
 
@@ -178,6 +180,8 @@ def setup(cfg: RunConfig, ds_config_path: str, hooks: RunHooks = RunHooks()) -> 
                                                 micro_batch_size=t.micro_batch_size, rank=rank,
                                                 ep_rank=built.ep_rank, expert_dp_rank=built.expert_dp_rank))
     if resume:
+        session.abandoned = tuple(d for d in checkpoints.complete_checkpoints(os.path.join(cfg.run_dir, "checkpoints"))
+                                  if os.path.basename(d) > os.path.basename(os.path.normpath(resume)))
         session.load(resume)
         log.info("resumed from %s at step %d", resume, session.start_step)
     return session

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             from .run_writer import import_to_run
             ckpt = import_to_run(args.hf_dir, args.out_run, args.mask_id, args.mask_token)
             print(f"imported {args.hf_dir} as run {args.out_run} (checkpoint {ckpt})")
-    except (FormatError, ValueError, FileNotFoundError) as err:
+    except (FormatError, ValueError, OSError) as err:   # OSError: CheckpointError, FileExistsError, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -5,7 +5,8 @@
 
 Tensors stream from the checkpoint (evaluation.loading.iter_model_state) through the format's
 name mapping into safetensors shards, so memory holds about one shard plus the tensor in hand.
-Nothing is written before the format's fit check has passed.
+Nothing is written before the format's fit check has passed, and nothing in OUT_DIR that an
+earlier ecdlm export did not write is ever replaced or removed (export_record.py).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 
 from model.config import ModelConfig
 
-from . import ecdlm_format, llada_moe
-from rundir.safetensors_io import ShardedWriter
+from . import ecdlm_format, export_record, llada_moe
+from rundir.safetensors_io import INDEX, ShardedWriter
 from .tokenizer import export_tokenizer
 
 FORMATS = ("ecdlm", "llada-moe")
@@ -55,6 +56,7 @@ def export(run_or_ckpt: str, out_dir: str, fmt: str = "ecdlm", dtype: str = "flo
     eos = _eos_id(tok_src)
     files, n, nbytes = write_hf_dir(mc, iter_model_state(ckpt), out_dir, fmt, dtype, max_shard_bytes, eos)
     tok_files = export_tokenizer(tok_src, out_dir, mc) if tok_src else []
+    export_record.write_record(out_dir, files + tok_files)
     return ExportResult(out_dir, ckpt, files, n, nbytes, tok_files)
 
 
@@ -65,8 +67,7 @@ def write_hf_dir(mc: ModelConfig, state_items, out_dir: str, fmt: str = "ecdlm",
     # the config first: a run that does not fit is refused before anything is written
     hf_cfg = (ecdlm_format.ecdlm_config(mc, eos_id, dtype) if fmt == "ecdlm" else
               dict(llada_moe.llada_config(mc, eos_id), torch_dtype=dtype))
-    os.makedirs(out_dir, exist_ok=True)
-    remove_old_weights(out_dir)   # shards of an earlier export must not mix with these
+    export_record.claim(out_dir)   # refuses files it did not write; removes an earlier export's shards
     target = DTYPES[dtype]
     n, writer = 0, ShardedWriter(out_dir, max_shard_bytes)
     for name, tensor in state_items:
@@ -78,17 +79,16 @@ def write_hf_dir(mc: ModelConfig, state_items, out_dir: str, fmt: str = "ecdlm",
             n += 1
         del tensor, pairs
     files = writer.close()
+    if os.path.exists(os.path.join(out_dir, INDEX)):
+        files.append(INDEX)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
+    files.append("config.json")
     if fmt == "ecdlm":
         ecdlm_format.copy_code(out_dir)
+        files.extend(ecdlm_format.CODE_FILES)
+    export_record.write_record(out_dir, files)   # rewritten by export() with the tokenizer's files
     return files, n, writer.total_bytes
-
-
-def remove_old_weights(out_dir: str) -> None:
-    for f in os.listdir(out_dir):
-        if f.startswith("model") and (f.endswith(".safetensors") or f == "model.safetensors.index.json"):
-            os.remove(os.path.join(out_dir, f))
 
 
 def _eos_id(tok_src: Optional[str]) -> Optional[int]:

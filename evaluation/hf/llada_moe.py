@@ -37,8 +37,10 @@ from model.config import ModelConfig, dense_hidden, from_dict, is_moe_layer, sha
 
 MODEL_TYPE = "llada"
 ARCHITECTURE = "LLaDAMoEModelLM"
-# file names of the released remote code; the directory needs them beside config.json to load
-AUTO_MAP = {"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
+# the released remote code's files and classes: configuration_lladamoe.py defines LLaDAConfig
+# (model_type "llada"), modeling_lladamoe.py LLaDAMoEModelLM. That code loads under transformers
+# 4.x only, and ignores attention_mask (docs/operations-safety.md, "LLaDA-MoE exports").
+AUTO_MAP = {"AutoConfig": "configuration_lladamoe.LLaDAConfig",
             "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
             "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"}
 MASK_TOKEN = "<|mask|>"

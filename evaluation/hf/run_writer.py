@@ -13,7 +13,7 @@ from typing import Optional
 
 import yaml
 
-from rundir.checkpoints import file_digest, tag_for, write_manifest
+from rundir.checkpoints import file_digest, tag_for, write_latest, write_manifest
 from rundir.config import load_config
 
 from .ecdlm_format import sections
@@ -24,11 +24,15 @@ from .tokenizer import copy_tokenizer_files
 
 def import_to_run(hf_dir: str, out_run: str, mask_id: Optional[int] = None, mask_token: str = "<|mask|>",
                   max_shard_bytes: int = 5 * 10**9) -> str:
-    """Write the run; returns its checkpoint directory."""
-    cfg, state = load_hf_dir(hf_dir, mask_id, mask_token)
+    """Write the run; returns its checkpoint directory. OUT_RUN must not exist yet or be an empty
+    directory: an import never writes into a training run (its config.yaml and `latest` would
+    be replaced) or any other folder with files in it (FileExistsError, nothing written)."""
     out_run = os.path.abspath(out_run)
+    refuse_non_empty(out_run)
+    cfg, state = load_hf_dir(hf_dir, mask_id, mask_token)
+    refuse_non_empty(out_run)   # loading takes a while: check again just before writing
     tok_dir = os.path.join(out_run, "tokenizer")
-    os.makedirs(tok_dir, exist_ok=True)
+    os.makedirs(tok_dir)
     copy_tokenizer_files(hf_dir, tok_dir)
     run = {**sections(cfg),
            "train": {"run_name": os.path.basename(out_run), "output_dir": out_run,
@@ -46,6 +50,17 @@ def import_to_run(hf_dir: str, out_run: str, mask_id: Optional[int] = None, mask
     files = writer.close() + ([INDEX] if os.path.exists(os.path.join(ckpt, INDEX)) else [])
     # the trainer's COMPLETE manifest: the files with their sizes and checksums, written last
     write_manifest(ckpt, 0, {f: file_digest(os.path.join(ckpt, f)) for f in files}, healthy=True)
-    with open(os.path.join(root, "latest"), "w") as f:
-        f.write(tag_for(0))
+    write_latest(root, 0)
     return ckpt
+
+
+def refuse_non_empty(out_run: str) -> None:
+    if not os.path.lexists(out_run):
+        return
+    if not os.path.isdir(out_run) or os.path.islink(out_run):
+        raise FileExistsError(f"{out_run} exists and is not a directory; import into a new run directory")
+    if os.listdir(out_run):
+        what = ("a training run (it has config.yaml or checkpoints/)"
+                if {"config.yaml", "checkpoints"} & set(os.listdir(out_run)) else "not empty")
+        raise FileExistsError(f"{out_run} is {what}; an import writes a new run: give a directory that does not "
+                              f"exist yet (nothing was written)")

@@ -25,9 +25,8 @@ def colour_checkpoint(tmp_path_factory):
 
     from evaluation.hf.ecdlm_format import sections
     from rundir.tokenizer import Tokenizer
-    from rundir.checkpoints import COMPLETE, tag_for
-    from rundir.tokenizer import load_tokenizer
-    from trainer.data.tokenizer import train_tokenizer
+    from rundir.checkpoints import file_digest, tag_for, write_manifest
+    from trainer.data.tokenizer import load_tokenizer, train_tokenizer
 
     root = tmp_path_factory.mktemp("colour_gen_run")
     mc = make_task()
@@ -43,7 +42,8 @@ def colour_checkpoint(tmp_path_factory):
     ckpt = root / "checkpoints" / tag_for(600)
     ckpt.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-    (ckpt / COMPLETE).write_text("")
+    # a real manifest: every reader verifies it (issue 20)
+    write_manifest(str(ckpt), 600, {"model.safetensors": file_digest(str(ckpt / "model.safetensors"))}, healthy=True)
     items = colour_items(mc)
     task = root / "colours_gen.jsonl"
     task.write_text("".join(json.dumps({"question": it.prompt, "answer": f"it is {it.answer} #### {it.answer}"}) + "\n"

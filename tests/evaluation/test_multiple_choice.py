@@ -111,9 +111,8 @@ def colour_run(tmp_path_factory):
     from evaluation.hf.ecdlm_format import sections
     from rundir.tokenizer import Tokenizer
     from evaluation.multiple_choice import continuation, single_mask_prompt
-    from rundir.checkpoints import COMPLETE, tag_for
-    from rundir.tokenizer import load_tokenizer
-    from trainer.data.tokenizer import train_tokenizer
+    from rundir.checkpoints import file_digest, tag_for, write_manifest
+    from trainer.data.tokenizer import load_tokenizer, train_tokenizer
 
     root = tmp_path_factory.mktemp("colour_run")
     items = make_task()
@@ -131,7 +130,8 @@ def colour_run(tmp_path_factory):
     ckpt = root / "checkpoints" / tag_for(150)
     ckpt.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-    (ckpt / COMPLETE).write_text("")
+    # a real manifest: every reader verifies it (issue 20)
+    write_manifest(str(ckpt), 150, {"model.safetensors": file_digest(str(ckpt / "model.safetensors"))}, healthy=True)
     task = root / "colours.jsonl"
     task.write_text("".join(json.dumps({"question": it.prompt, "choices": it.choices, "answer": it.answer}) + "\n"
                             for it in items))

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 
-from tests.faults.faultrun import Run, complete_steps, first_error_line, overrides
+from tests.faults.faultrun import Run, complete_steps, overrides
 from tests.trainer.launch import ROOT
 from rundir.checkpoints import file_digest, write_manifest
 
@@ -84,9 +84,11 @@ def test_a_planted_pickle_never_runs(small_corpus, tmp_path):
     (run_dir / "checkpoints" / "latest").write_text("step_00000002\n")
     rc, text = _train(small_corpus, run_dir, 4, nproc=1)
     assert not marker.exists(), "resume unpickled a planted file"
-    assert rc == 2, text[-3000:]
-    line = first_error_line(text)
-    assert "rng/rank00000.safetensors: not a safetensors file" in line and "refusing to read it" in line, line
+    # a forged manifest does not make the file readable: the checkpoint is damaged (issue 20, item
+    # 9), named and skipped like a file whose checksum differs, and the run starts afresh
+    assert rc == 0, text[-3000:]
+    warn = next(line for line in text.splitlines() if "skipping checkpoint" in line)
+    assert "rng/rank00000.safetensors: not a safetensors file" in warn, warn
     proc = subprocess.run([sys.executable, "-m", "evaluation.perplexity", str(ckpt), "--batches", "1", "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert not marker.exists(), "an evaluation tool unpickled a planted file"

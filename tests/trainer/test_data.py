@@ -180,7 +180,7 @@ def test_failed_prepare_keeps_previous_output(prepared, tmp_path):
     out, _ = prepared
     before = (out / "meta.json").read_bytes()
     with pytest.raises(DataError, match="no such file"):
-        prepare(PrepareConfig(out=str(out), files=[str(tmp_path / "missing.txt")]))
+        prepare(PrepareConfig(out=str(out), files=[str(tmp_path / "missing.txt")], overwrite=True))
     assert (out / "meta.json").read_bytes() == before and not (out / ".prepare-tmp").exists()
 
 

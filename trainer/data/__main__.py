@@ -16,7 +16,9 @@ def _parser() -> argparse.ArgumentParser:
         "the running Python's standard library sources are used (no download). --format sft turns "
         "prompt/response or chat records into fixed-length examples (see trainer/data/sft_prepare.py).",
     )
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory: new or empty (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the prepared dataset already in --out (train/, val/, tokenizer, meta.json)")
     p.add_argument(
         "--format", choices=("pretrain", "sft"), default="pretrain",
         help="pretrain (default): token shards packed at load time; sft: JSON-lines prompt/response or "

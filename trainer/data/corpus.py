@@ -219,7 +219,10 @@ class FilesCorpus(Corpus):
         while True:
             good = [str(p) for i, p in enumerate(self.files) if i not in self.bad]
             if not good:
-                raise DataError(f"none of the --files is usable ({len(self.files)} files, all skipped)")
+                reasons = "; ".join(f"{self.names[i]}: {why}" for i, why in list(self.bad.items())[:3])
+                more = f"; and {len(self.bad) - 3} more" if len(self.bad) > 3 else ""
+                raise DataError(f"none of the --files is usable ({len(self.files)} files, all skipped: "
+                                f"{reasons}{more})")
             try:
                 return datasets.load_dataset(
                     self.builder, data_files=good, split="train", cache_dir=cache_dir, **kwargs

@@ -182,6 +182,8 @@ class PrefetchingLoader:
         self.wait_seconds += time.perf_counter() - start
         if isinstance(item, _Failed):
             self.close()
+            if isinstance(item.error, DataError):   # damaged data: the user's to fix, named as it is
+                raise item.error
             raise RuntimeError("the data prefetch thread failed") from item.error
         assert (item.step, item.micro_step) == (self._step, self._micro_step)
         self._micro_step += 1

@@ -18,8 +18,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .corpus import Corpus, Document, FilesCorpus, HubCorpus, StdlibCorpus, capped
 from .meta import FORMAT_VERSION, META_FILE, write_json_atomic
-from .prepare_common import (SPLITS, TOKENIZER_FILE, PrepareConfig, get_tokenizer, is_val, no_train_docs,
-                             replace_path, vocabulary_meta)
+from .prepare_common import (SPLITS, TOKENIZER_FILE, PrepareConfig, check_out, get_tokenizer, is_val,
+                             no_train_docs, replace_path, vocabulary_meta)
 from .sft_prepare import prepare_sft
 from .shards import ShardWriter
 from rundir.tokenizer import TokenizerInfo
@@ -114,6 +114,7 @@ def _tokenize(docs: Iterable[Document], cfg: PrepareConfig, info: TokenizerInfo,
 def prepare(cfg: PrepareConfig) -> Dict:
     """Run the whole preparation; returns the top-level meta (also written to OUT/meta.json)."""
     cfg.validate()
+    check_out(cfg)
     if cfg.format == "sft":
         return prepare_sft(cfg)
     start = time.perf_counter()

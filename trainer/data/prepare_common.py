@@ -47,6 +47,7 @@ class PrepareConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
+    overwrite: bool = False   # replace a prepared dataset already in --out
 
     def validate(self) -> None:
         if self.dataset and self.files:
@@ -63,9 +64,27 @@ class PrepareConfig:
             raise DataError(f"--model-type must be bpe or unigram, got {self.model_type!r}")
         if self.format not in ("pretrain", "sft"):
             raise DataError(f"--format must be pretrain or sft, got {self.format!r}")
+        if self.tokenizer and not os.path.exists(self.tokenizer):
+            raise DataError(f"--tokenizer {self.tokenizer}: no such file (give a sentencepiece .model or a Hugging "
+                            f"Face tokenizer.json)")
         if self.format == "pretrain" and self.seq_len is not None:
             raise DataError("--seq-len is for --format sft only: pretraining packs sequences at load time "
                             "(set train.seq_len)")
+
+
+def check_out(cfg: "PrepareConfig") -> None:
+    """--out must be new, or an empty directory, unless --overwrite: a prepared dataset (its
+    shards and tokenizer) is never replaced without being asked, nor a folder of other files."""
+    out = Path(cfg.out)
+    if cfg.overwrite or not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir() if p.name != ".prepare-tmp")
+    if entries:
+        what = "a prepared dataset" if "meta.json" in entries or "train" in entries else f"not empty ({entries[0]}, ...)"
+        raise DataError(f"--out {out} is {what}; nothing was changed: choose a new directory, or add --overwrite "
+                        f"to replace its train/, val/, tokenizer and meta.json")
 
 
 def is_val(position: int, identity: str, val_fraction: float) -> bool:
@@ -107,8 +126,8 @@ def no_train_docs(num_docs: int) -> DataError:
 
 def get_tokenizer(corpus_docs, cfg: PrepareConfig, dest: Path) -> TokenizerInfo:
     if cfg.tokenizer:
+        _, info = load_tokenizer(cfg.tokenizer)   # errors name the user's file, not the copy
         shutil.copyfile(cfg.tokenizer, dest)
-        _, info = load_tokenizer(dest)
         if cfg.vocab_size is not None and cfg.vocab_size != info.vocab_size:
             raise DataError(
                 f"--vocab-size {cfg.vocab_size} disagrees with --tokenizer {cfg.tokenizer} "

@@ -39,6 +39,10 @@ class TokenStore:
             self._shards.append(tokens)
             self._starts.append(self._starts[-1] + count)
         self.num_tokens = self._starts[-1]
+        # every id read is checked against the tokenizer's vocabulary: a shard of the right size can
+        # still hold garbage, which would otherwise surface as an embedding IndexError (on a GPU a
+        # device-side assert) far from its cause
+        self.vocab_size = self.meta.get("vocab_size")
         if self.num_tokens != self.meta["num_tokens"]:
             raise DataError(f"{self.path}: shards hold {self.num_tokens} tokens, meta.json says {self.meta['num_tokens']}")
 
@@ -58,7 +62,18 @@ class TokenStore:
             out[pos - start : pos - start + take] = self._shards[shard][pos - base : pos - base + take]
             pos += take
             shard += 1
+        if self.vocab_size is not None and len(out) and int(out.max()) >= self.vocab_size:
+            self._bad_id(out, start)
         return out
+
+    def _bad_id(self, out: np.ndarray, start: int) -> None:
+        i = int(np.argmax(out >= self.vocab_size))
+        pos = start + i
+        shard = bisect.bisect_right(self._starts, pos) - 1
+        name = self.meta["shards"][shard]["file"]
+        raise DataError(f"{self.path / name}: token id {int(out[i])} at token offset {pos - self._starts[shard]} "
+                        f"(byte {(pos - self._starts[shard]) * self.dtype.itemsize}) is not below the vocabulary "
+                        f"size {self.vocab_size} of meta.json: the shard is damaged; re-run prepare")
 
     def __getitem__(self, key):
         if isinstance(key, slice):

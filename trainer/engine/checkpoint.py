@@ -32,7 +32,9 @@ from safetensors.torch import load_file
 
 from rundir.checkpoint_store import (EXP_AVG, EXP_AVG_SQ, MASTER, WEIGHTS, FragmentReader, FragmentWriter,
                                      write_json, write_safetensors)
-from rundir.checkpoints import STATE, CheckpointError, prune, read_manifest, read_state, tag_for, write_manifest
+from rundir.checkpoint_store import atomic_file
+from rundir.checkpoints import (STATE, CheckpointError, prune, read_manifest, read_state, tag_for, write_latest,
+                                 write_manifest)
 from trainer.distributed import comm_device
 
 log = logging.getLogger("ecdlm")
@@ -181,10 +183,11 @@ def _write_rank_files(engine, model, path: str, layout: Layout) -> dict:
 
 
 def save_checkpoint(engine, model, run_dir: str, step: int, state: dict, *, layout: Layout, keep_last: int,
-                    scheduler, healthy: bool = True) -> str:
+                    scheduler, healthy: bool = True, abandoned=()) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory. Raises
     NonFiniteWeightsError (nothing written) or CheckpointSaveError (partial directory removed,
-    older checkpoints untouched)."""
+    older checkpoints untouched). `abandoned`: checkpoints the resume skipped, which pruning
+    neither counts nor removes."""
     root = os.path.join(run_dir, "checkpoints")
     path = os.path.join(root, tag_for(step))
     if not _all_true(_weights_finite(engine)):
@@ -222,11 +225,8 @@ def save_checkpoint(engine, model, run_dir: str, step: int, state: dict, *, layo
         raise CheckpointSaveError(f"saving checkpoint {path} failed: {failed[0]}; "
                                   f"{_free_space(root)} free there; older checkpoints are untouched")
     if layout.rank == 0:
-        latest = os.path.join(root, "latest")
-        with open(latest + ".tmp", "w") as f:
-            f.write(tag_for(step) + "\n")
-        os.replace(latest + ".tmp", latest)
-        prune(root, keep_last)
+        write_latest(root, step)
+        prune(root, keep_last, current=path, exclude=[a for a in abandoned if os.path.basename(a) != tag_for(step)])
     dist.barrier()
     return path
 
@@ -253,9 +253,8 @@ def _scheduler_state(scheduler) -> dict:
 def write_consolidation_script(root: str) -> None:
     """checkpoints/zero_to_fp32.py: the layout-free store, runnable on its own (torch + safetensors)."""
     import rundir.checkpoint_store as store
-    target = os.path.join(root, CONSOLIDATE_SCRIPT)
-    shutil.copyfile(store.__file__, target + ".tmp")
-    os.replace(target + ".tmp", target)
+    with open(store.__file__, "rb") as src, atomic_file(os.path.join(root, CONSOLIDATE_SCRIPT)) as dst:
+        shutil.copyfileobj(src, dst)
 
 
 # ---- load -------------------------------------------------------------------------------------------
@@ -289,7 +288,7 @@ def load_checkpoint(engine, model, path: str, *, layout: Layout, scheduler) -> d
 
 @torch.no_grad()
 def _load(engine, model, path: str, layout: Layout, scheduler) -> dict:
-    read_manifest(path)
+    read_manifest(path)   # verified by find_checkpoint; the structure is checked again as it is read
     state = read_state(path)
     reader = FragmentReader(path)
     zo, names = engine.optimizer, param_names(engine)

@@ -17,9 +17,13 @@ def load_ds_config(path: str) -> dict:
                           f"zero2.json, zero2_offload.json)")
     with open(path) as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
+            ds = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {path} holds a JSON {type(ds).__name__}; it must be an object of "
+                          f"DeepSpeed settings, as in ds_configs/zero2.json")
+    return ds
 
 
 def _fill(ds: dict, key_path: tuple, value, yaml_key: str, src: str) -> None:

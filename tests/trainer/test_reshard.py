@@ -1,5 +1,5 @@
 """Checkpoints that travel: a run written at one world size, expert-parallel size, ZeRO stage and
-micro-batch size continues at another, exactly (the real trainer, the real `deepspeed` launcher)."""
+micro-batch size continues at another, exactly (the real trainer, as plain env:// ranks)."""
 import os
 import shutil
 import subprocess

@@ -40,7 +40,8 @@ def _collect(*args) -> dict:
 
 FILES = ["tests/model/test_routing.py", "tests/faults/test_bad_input.py", "tests/faults/test_hang.py",
          "tests/trainer/test_launch.py", "tests/trainer/test_init_from.py", "tests/trainer/test_retrofit_demo.py",
-         "tests/evaluation/test_perplexity.py", "tests/evaluation/test_report.py", "tests/trainer/test_reshard.py"]
+         "tests/evaluation/test_perplexity.py", "tests/evaluation/test_report.py", "tests/trainer/test_reshard.py",
+         "tests/model/test_layer.py", "tests/trainer/test_step_stats.py"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,12 @@ def test_fast_lane_leaves_out_every_test_that_starts_processes(collected):
                  "tests/trainer/test_launch.py::test_a_timeout_kills_every_process_of_the_group",   # start(
                  "tests/trainer/test_init_from.py::test_a_launched_retrofit_starts_from_the_tc_weights"):
         assert test in collected and test not in fast, test
+    # through a helper of the test's file (check_expert_parallel) or a fixture of it (reduced)
+    for prefix in ("tests/model/test_layer.py::test_expert_parallel_over_4_ranks_equals_single_process",
+                   "tests/trainer/test_step_stats.py::test_two_ranks_agree"):
+        tests = [t for t in collected if t.startswith(prefix)]
+        assert tests and not set(tests) & fast, prefix
+    assert any(t.startswith("tests/model/test_layer.py::test_gradcheck_float64") for t in fast)
 
 
 def test_tests_sharing_a_run_share_an_xdist_group(collected):

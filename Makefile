@@ -7,8 +7,13 @@ NPROC   ?= 2
 CONFIG  ?= configs/tiny.yaml
 DS_CONFIG ?= ds_configs/zero2.json
 PYTEST_ARGS ?= --durations=30
+# the training entry point, named once, in trainer/launch.py
+ENTRY   := $(shell sed -n 's/^ENTRY = "\([^"]*\)".*/\1/p' trainer/launch.py)
+# the whole suite on two pytest-xdist workers; a file, or the files sharing a session-wide run,
+# stay on one worker (tests/conftest.py). TEST_WORKERS=0: one process, in order. docs/testing.md
+TEST_WORKERS ?= 2
 
-.PHONY: setup train test bench reproduce clean-venv
+.PHONY: setup train test test-fast bench reproduce clean-venv
 
 setup: $(VENV)/.installed $(DATA)/meta.json
 
@@ -30,10 +35,14 @@ $(DATA)/meta.json: $(VENV)/.installed
 
 # The tiny preset on the embedded corpus, NPROC processes through DeepSpeed's launcher (gloo on CPU).
 train: setup
-	$(VENV)/bin/deepspeed --num_gpus $(NPROC) train.py --ds_config $(DS_CONFIG) --config $(CONFIG) $(OVERRIDES)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) $(ENTRY) --ds_config $(DS_CONFIG) --config $(CONFIG) $(OVERRIDES)
 
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+
+# Everyday edits: the tests that start no other process (no training run, no gloo ranks, no CLI).
+test-fast: setup
+	$(PY) -m pytest tests -m "not multiproc" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/moe_layer.py --json bench_out/moe_layer.json

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from trainer.launch import free_port  # noqa: F401 (the one free_port, for the benchmarks)
+
 
 def pick_device() -> tuple[torch.device, torch.dtype]:
     """bf16 on a GPU when one is present, else fp32 on the CPU."""
@@ -40,12 +42,6 @@ def available_memory(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 1 << 62
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ForeignLoad:

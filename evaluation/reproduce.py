@@ -26,12 +26,13 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+from trainer.launch import deepspeed_command, start, trainer_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULES = ("linear", "linear_reverse", "cosine", "cosine_reverse", "bell", "gaussian", "gaussian_reverse")
@@ -115,11 +116,11 @@ class PlannedRun:
     resolved: dict = field(default_factory=dict)   # k_max after solving, E[k]: from the real config
 
     def command(self, scale: Scale) -> list:
-        args = ["train.py", "--ds_config", "ds_configs/zero2.json", "--config", self.config, *self.overrides]
+        """What run_one starts (trainer/launch.py), as a user would type it."""
+        args = trainer_args(self.overrides, config=self.config)
         if scale.launcher == "deepspeed":   # the venv's launcher; a port of its own per run
-            launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-            return [launcher, "--num_gpus", str(scale.nproc), "--master_port", str(free_port()), *args]
-        return [sys.executable, *args]
+            return deepspeed_command(scale.nproc, args)
+        return [sys.executable, *args]   # one process; run_one sets the env:// variables
 
 
 def yaml_value(v) -> str:
@@ -204,23 +205,17 @@ def finished(run: PlannedRun) -> bool:
     return bool(steps) and max(steps) >= run.steps
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(run: PlannedRun, scale: Scale, threads: int) -> tuple:
     if finished(run):   # an interrupted reproduction picks up where it stopped
         return run.name, 0, 0.0
     os.makedirs(run.run_dir, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if scale.launcher == "python":   # one process: the env:// variables a launcher would set
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     t0 = time.time()
-    with open(os.path.join(run.run_dir, "train.log"), "a") as log:
-        rc = subprocess.run(run.command(scale), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    # "python": one process with the env:// variables a launcher would set
+    launched = start(scale.nproc if scale.launcher == "deepspeed" else 1,
+                     trainer_args(run.overrides, config=run.config),
+                     launcher="deepspeed" if scale.launcher == "deepspeed" else "env",
+                     env={"OMP_NUM_THREADS": str(threads)}, log=os.path.join(run.run_dir, "train.log"), cwd=ROOT)
+    rc = launched.wait()
     return run.name, rc, time.time() - t0
 
 

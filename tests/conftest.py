@@ -9,6 +9,95 @@ sys.path.insert(0, ROOT)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (CI still runs it)")
+    config.addinivalue_line("markers", "multiproc: starts other processes (a training run, gloo ranks, a CLI, "
+                                       "a SLURM cluster); `make test-fast` leaves these out (docs/testing.md)")
+
+
+# What marks a test `multiproc` without a mark of its own: a fixture that trains or prepares data in
+# other processes, or a call that starts processes, in the test's own body or in a function or
+# fixture of its file that the test calls or uses (followed through the file's own functions).
+# A helper imported from elsewhere is not read: a test that starts processes only through one needs
+# @pytest.mark.multiproc.
+MULTIPROC_FIXTURES = {"small_corpus", "tc_run", "two_runs", "slurm_cluster"}
+MULTIPROC_CALLS = ("run_distributed(", "launch(", "start_run(", "Run(", "Run.env(", "Run.deepspeed(", "start(",
+                   "run_killing_group(", "subprocess.", "mp.spawn(", "mpiexec", "train.py", "cli(",
+                   "run_main(", "run(")
+_STARTERS = {}   # module file -> names of its top-level functions that start processes
+
+
+def _starters(path: str) -> set:
+    """Top-level functions (fixtures too) of a test file that start processes, directly or
+    through one another."""
+    if path not in _STARTERS:
+        import ast
+        try:
+            source = open(path).read()
+            bodies = {node.name: ast.get_source_segment(source, node) or ""
+                      for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+        except (OSError, SyntaxError):
+            bodies = {}
+        found = {name for name, body in bodies.items() if any(call in body for call in MULTIPROC_CALLS)}
+        grew = True
+        while grew:   # helpers of helpers
+            more = {name for name, body in bodies.items() if name not in found
+                    and any(f"{other}(" in body or f"{other}," in body or f"{other})" in body for other in found)}
+            found |= more
+            grew = bool(more)
+        _STARTERS[path] = found
+    return _STARTERS[path]
+
+
+def _starts_processes(item) -> bool:
+    if item.get_closest_marker("multiproc") or item.get_closest_marker("slow"):
+        return True
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if MULTIPROC_FIXTURES & fixtures:
+        return True
+    fn = getattr(item, "function", None)
+    try:
+        import inspect
+        body = inspect.getsource(fn) if fn is not None else ""
+    except (OSError, TypeError):
+        return True   # unreadable: assume the slower lane
+    if any(call in body for call in MULTIPROC_CALLS):
+        return True
+    starters = _starters(str(item.fspath))
+    return bool(starters & fixtures) or any(f"{name}(" in body for name in starters)
+
+
+# Under pytest-xdist (`make test`: -n 2 --dist loadgroup) a group runs on one worker, so that a
+# fixture is built once: a file's tests share a group (module-scoped fixtures train too), and the
+# files that use the same session-wide run (SHARED_RUNS) share one.
+SHARED_RUNS = ("two_runs", "tc_run", "slurm_cluster")
+
+
+def _groups(items) -> dict:
+    """{file: group name}: files joined through the shared runs they use (union-find)."""
+    parent = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        for name in SHARED_RUNS:
+            if name in getattr(item, "fixturenames", ()):
+                a, b = find(path), find(name)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    return {item.nodeid.split("::")[0]: find(item.nodeid.split("::")[0]) for item in items}
+
+
+def pytest_collection_modifyitems(config, items):
+    groups = _groups(items)
+    for item in items:
+        if _starts_processes(item):
+            item.add_marker(pytest.mark.multiproc)
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid.split("::")[0]]))
 
 
 @pytest.fixture(scope="session")

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.launch import free_port  # noqa: F401 (the one free_port; importable from here too)
 
 
 def _worker(rank, world_size, port, fn, args, queue):

@@ -7,10 +7,11 @@ Each run is one process started by plain python with the env:// variables a laun
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import time
+
+from trainer import launch
+from trainer.launch import Launch, trainer_args
 
 from .task import ROOT
 
@@ -34,24 +35,12 @@ def to_args(over: dict) -> list:
     return [f"{k}={'null' if v is None else v}" for k, v in over.items()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(run_dir: str, over: dict, log_path: str, config: str = "configs/tiny.yaml") -> subprocess.Popen:
-    """The trainer as one rank, output to `log_path`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    cmd = [sys.executable, "train.py", "--ds_config", "ds_configs/zero2.json", "--config", config,
-           *to_args({"train.output_dir": run_dir, "wandb.mode": "disabled", **over})]
+def start(run_dir: str, over: dict, log_path: str, config: str = "configs/tiny.yaml") -> Launch:
+    """The trainer as one rank (trainer/launch.py, env://), output to `log_path`."""
+    args = trainer_args(to_args({"train.output_dir": run_dir, "wandb.mode": "disabled", **over}), config=config)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    log = open(log_path, "w")
-    try:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    finally:
-        log.close()   # the child holds its own descriptor
+    open(log_path, "w").close()   # a fresh log per start
+    return launch.start(1, args, launcher="env", env={"OMP_NUM_THREADS": "1"}, log=log_path, cwd=ROOT)
 
 
 def wait_all(procs: dict, logs: dict, timeout: float) -> dict:

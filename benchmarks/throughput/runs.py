@@ -11,12 +11,12 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RunMonitor, free_port, wait_for_idle
+from benchmarks.common import RunMonitor, wait_for_idle
 from benchmarks.throughput.presets import common_overrides, describe, impl_overrides, in_code, load_run_config
+from trainer.launch import start, trainer_args
 
 
 def launch(args, impl: str, run_dir: str) -> tuple[float, float, dict]:
@@ -24,25 +24,23 @@ def launch(args, impl: str, run_dir: str) -> tuple[float, float, dict]:
     use per logged window, keyed by step)."""
     cfg = load_run_config(args, impl, run_dir)
     overrides = common_overrides(args, run_dir) + impl_overrides(impl, cfg)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.nproc),
-           "--master_port", str(free_port()), "train.py", "--ds_config", in_code(args, args.ds_config),
-           "--config", in_code(args, args.config), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    trainer = trainer_args(overrides, config=in_code(args, args.config), ds_config=in_code(args, args.ds_config))
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "launcher.log")
+    open(log_path, "w").close()
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        # its own session, so that an interrupted benchmark can stop the launcher and both ranks
-        proc = subprocess.Popen(cmd, cwd=args.code_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        monitor = RunMonitor(proc.pid, os.path.join(run_dir, "metrics.jsonl"))
-        monitor.start()
-        try:
-            rc = proc.wait()
-        finally:
-            monitor.stop()
-            if proc.poll() is None:
-                stop_group(proc)
+    # the `deepspeed` launcher in its own session (trainer/launch.py), so that an interrupted
+    # benchmark can stop the launcher and both ranks
+    run = start(args.nproc, trainer, launcher="deepspeed", env=env, log=log_path, cwd=args.code_dir)
+    monitor = RunMonitor(run.pid, os.path.join(run_dir, "metrics.jsonl"))
+    monitor.start()
+    try:
+        rc = run.wait()
+    finally:
+        monitor.stop()
+        if run.poll() is None:
+            stop_group(run.proc)
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = Path(log_path).read_text()[-4000:]

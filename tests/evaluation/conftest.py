@@ -3,9 +3,6 @@ two short real training runs (EC and TC) of the real trainer, shared by the test
 directory."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from model import DiffusionTransformer, ModelConfig, ModelOutput, from_dict
-from tests.distributed import free_port
-from tests.trainer.launch import ROOT, tiny_overrides
+from tests.trainer.launch import ROOT, tiny_overrides  # noqa: F401 (ROOT: importable from here too)
+from trainer.launch import start, trainer_args
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,17 +57,14 @@ class FixedLogits(nn.Module):
         return ModelOutput(logits, torch.zeros(()), [])
 
 
-def start_run(data, run_dir, **extra) -> subprocess.Popen:
+def start_run(data, run_dir, **extra):
     """The real trainer (DeepSpeed engine, gloo) as one process started by plain python with the
-    env:// variables a launcher would set: the deepspeed launcher's own start-up costs about 20 s
-    of CPU per run, which the trainer's tests already pay for."""
+    env:// variables a launcher would set (trainer/launch.py): the deepspeed launcher's own start-up
+    costs about 20 s of CPU per run, which the launcher's own tests already pay for. Returns the
+    started run (trainer.launch.Launch: poll, wait, communicate -> (output, None), kill, returncode)."""
     over = tiny_overrides(data, run_dir, **{"train.max_steps": 24, "train.eval_every": 4, "train.log_every": 2,
                                             "train.save_every": 1000, **extra})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    cmd = [sys.executable, "train.py", "--ds_config", "ds_configs/zero2.json", "--config", "configs/tiny.yaml",
-           *over]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return start(1, trainer_args(over), env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pytest
 
 from evaluation import reproduce
 from tests.trainer.launch import ROOT
+from trainer.launch import ENTRY
 
 
 def cli(*args, timeout=1200) -> subprocess.CompletedProcess:
@@ -29,7 +30,7 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     assert "estimated time" in out
     for name in ("ec_static-s1234", "ec_static-s1235", "tc_dropless-s1234", "ec_linear_reverse-s1235"):
         assert f"- {name}:" in out and f"train.output_dir={runs / name}" in out
-    tc = next(line for line in out.splitlines() if "tc_dropless-s1234" in line and "train.py" in line)
+    tc = next(line for line in out.splitlines() if "tc_dropless-s1234" in line and ENTRY in line)
     for item in ("moe.router=token_choice", "moe.capacity_factor=null", "moe.aux_loss_coef=0.001",
                  "moe.bias_update_rate=0.001", "moe.k=4", "train.seed=1234", "train.max_steps=240"):
         assert item in tc

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.distributed import free_port
-from tests.trainer.launch import BIN, ROOT
+from trainer.launch import ENTRY, ROOT, Launch, start, trainer_args
 
 # the tiny preset, small and short: 2 CPU cores are shared by everything
 FAULT_OVERRIDES = {"train.log_every": 1, "wandb.mode": "disabled", "eval.batches": 1, "eval.batch_size": 4,
@@ -31,28 +30,41 @@ def overrides(data: Path, run_dir: Path, **extra) -> list:
 
 
 class Run:
-    """`deepspeed` (or another launcher command) in its own session, output to files."""
+    """A started run (trainer/launch.py's Launch: its own session, output to one file) that a
+    test can attack: `Run.deepspeed` through the `deepspeed` runner, `Run.env` as plain env:// ranks,
+    or `Run(cmd)` for any other launcher command (mpiexec)."""
 
-    def __init__(self, cmd: list, env: dict = None):
-        self.out = tempfile.NamedTemporaryFile("w+", prefix="fault_", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+    def __init__(self, cmd: list = None, env: dict = None, launch: Launch = None):
+        if launch is None:
+            fd, log = tempfile.mkstemp(prefix="fault_", suffix=".log")
+            with os.fdopen(fd, "w") as out:
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, **(env or {})}, start_new_session=True)
+            launch = Launch([proc], log, cmd, "command")
+        self.launch, self.proc = launch, launch.proc
 
     @classmethod
     def deepspeed(cls, nproc: int, args: list, ds_config: str = "ds_configs/zero2.json", env: dict = None):
-        return cls([str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-                    "train.py", "--ds_config", ds_config, "--config", "configs/tiny.yaml", *args], env)
+        return cls(launch=start(nproc, trainer_args(args, ds_config=ds_config), launcher="deepspeed", env=env))
+
+    @classmethod
+    def env(cls, nproc: int, args: list, ds_config: str = "ds_configs/zero2.json", env: dict = None):
+        return cls(launch=start(nproc, trainer_args(args, ds_config=ds_config), launcher="env", env=env))
 
     def ranks(self) -> dict:
-        """{rank: psutil.Process} of the trainer processes under this launcher."""
+        """{rank: psutil.Process} of the trainer processes of this run (the started processes
+        themselves under env://, a launcher's descendants otherwise)."""
         out = {}
-        try:
-            kids = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return out
-        for p in kids:
+        procs = []
+        for p in self.launch.procs:
             try:
-                if any(part.endswith("train.py") for part in p.cmdline()):
+                top = psutil.Process(p.pid)
+                procs += [top, *top.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            try:
+                if any(part.endswith(ENTRY) for part in p.cmdline()):
                     env = p.environ()
                     rank = env.get("RANK") or env.get("PMI_RANK")
                     if rank is not None:
@@ -65,8 +77,8 @@ class Run:
         """Poll until cond() (the run must still be going)."""
         end = time.monotonic() + timeout
         while not cond():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"run ended ({self.proc.returncode}) before {what}:\n{self.text()[-4000:]}")
+            if self.launch.poll() is not None:
+                raise AssertionError(f"run ended ({self.launch.returncode}) before {what}:\n{self.text()[-4000:]}")
             if time.monotonic() > end:
                 self.kill()
                 raise AssertionError(f"timed out waiting for {what}:\n{self.text()[-4000:]}")
@@ -85,24 +97,22 @@ class Run:
 
     def finish(self, timeout: float = 600) -> int:
         try:
-            self.proc.wait(timeout=timeout)
+            return self.launch.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"run did not end within {timeout} s:\n{self.text()[-4000:]}")
-        return self.proc.returncode
+            raise AssertionError(f"run did not end within {timeout} s:\n{self.text()[-4000:]}") from None
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in self.ranks().values():   # ranks that left the group (orphans)
-            p.kill()
-        self.proc.wait()
+        ranks = self.ranks()
+        self.launch.kill()
+        for p in ranks.values():   # ranks that left the group (orphans)
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     def text(self) -> str:
-        self.out.flush()
-        return Path(self.out.name).read_text(errors="replace")
+        return self.launch.text()
 
 
 def catches(pid: int, sig: int) -> bool:

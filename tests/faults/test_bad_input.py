@@ -42,17 +42,17 @@ def corpus_copy(small_corpus, tmp_path):
 
 def test_corrupt_meta_json(corpus_copy, tmp_path):
     (corpus_copy / "train" / "meta.json").write_text('{"format_version": 1, "shards": [')
-    _refused(Run.deepspeed(2, overrides(corpus_copy, tmp_path / "run")), 2, "train/meta.json", "not valid JSON")
+    _refused(Run.env(2, overrides(corpus_copy, tmp_path / "run")), 2, "train/meta.json", "not valid JSON")
 
 
 def test_short_shard(corpus_copy, tmp_path):
     shard = corpus_copy / "train" / "shard_00000.bin"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    _refused(Run.deepspeed(2, overrides(corpus_copy, tmp_path / "run")), 2, "shard_00000.bin", "bytes")
+    _refused(Run.env(2, overrides(corpus_copy, tmp_path / "run")), 2, "shard_00000.bin", "bytes")
 
 
 def test_missing_resume_target_is_refused_on_every_rank(small_corpus, tmp_path):
     missing = tmp_path / "nonexistent"
-    _refused(Run.deepspeed(2, overrides(small_corpus, tmp_path / "run", **{"train.resume": missing})), 2,
+    _refused(Run.env(2, overrides(small_corpus, tmp_path / "run", **{"train.resume": missing})), 2,
              f"train.resume={missing}")

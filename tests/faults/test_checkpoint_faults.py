@@ -15,12 +15,13 @@ import sys
 from tests.faults.faultrun import Run, complete_steps, overrides
 from tests.trainer.launch import ROOT
 from rundir.checkpoints import file_digest, write_manifest
+from trainer.launch import free_port, rank_env, trainer_args
 
 EXIT_SAVE_FAILED = 89
 
 
 def _train(corpus, run_dir, steps, nproc=2, **extra):
-    run = Run.deepspeed(nproc, overrides(corpus, run_dir, **{"train.max_steps": steps, "train.save_every": 2,
+    run = Run.env(nproc, overrides(corpus, run_dir, **{"train.max_steps": steps, "train.save_every": 2,
                                                              "train.keep_last": 3, **extra}))
     return run.finish(), run.text()
 
@@ -108,10 +109,9 @@ def test_a_save_that_runs_out_of_space_stops_cleanly(small_corpus, tmp_path):
     rc, text = _train(small_corpus, run_dir, 2, nproc=1)
     assert rc == 0 and complete_steps(run_dir) == [2], text[-4000:]
     before = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000002").rglob("*"))
-    args = [sys.executable, "train.py", "--ds_config", "ds_configs/zero2.json", "--config",
-            "configs/tiny.yaml", *overrides(small_corpus, run_dir, **{"train.max_steps": 4, "train.save_every": 2})]
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    args = [sys.executable, *trainer_args(overrides(small_corpus, run_dir, **{"train.max_steps": 4,
+                                                                              "train.save_every": 2}))]
+    env = {**os.environ, **rank_env(0, 1, free_port())}
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
                           preexec_fn=_limit_file_size(2 << 20))
     assert proc.returncode == EXIT_SAVE_FAILED, proc.stderr[-4000:]

@@ -15,7 +15,7 @@ EXIT_DIVERGED = 87
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(small_corpus, tmp_path):
     run_dir = tmp_path / "diverge"
-    run = Run.deepspeed(2, overrides(small_corpus, run_dir, **{
+    run = Run.env(2, overrides(small_corpus, run_dir, **{
         "optim.lr": "1e8", "optim.warmup_steps": 0, "train.max_steps": 8, "train.save_every": 1,
         "train.keep_last": 10, "train.max_skipped_steps": 2, "moe.ep_size": 2, "train.comm_timeout_s": 123}))
     rc, text = run.finish(), run.text()
@@ -50,7 +50,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(small_corpus, tmp_path):
 def test_policy_stop_stops_at_the_first_nonfinite_step(small_corpus, tmp_path):
     """train.nonfinite=stop, one process: status 87 at step 2, nothing saved after step 1."""
     run_dir = tmp_path / "stop"
-    run = Run.deepspeed(1, overrides(small_corpus, run_dir, **{
+    run = Run.env(1, overrides(small_corpus, run_dir, **{
         "optim.lr": "1e8", "optim.warmup_steps": 0, "train.max_steps": 6, "train.save_every": 1,
         "train.nonfinite": "stop"}))
     rc, text = run.finish(), run.text()

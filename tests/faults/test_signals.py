@@ -18,6 +18,7 @@ import psutil
 from tests.distributed import free_port
 from tests.faults.faultrun import Run, complete_steps, first_error_line, last_step, overrides
 from tests.trainer.launch import BIN
+from trainer.launch import ENTRY
 
 EXIT_REQUEUE, EXIT_STOPPED = 85, 86
 
@@ -68,7 +69,7 @@ def test_sigterm_to_the_deepspeed_runner_leaves_no_orphan(small_corpus, tmp_path
 
 def test_sigterm_to_mpiexec_reaches_every_rank(small_corpus, tmp_path):
     run_dir = tmp_path / "mpi"
-    run = Run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "train.py", "--config", "configs/tiny.yaml",
+    run = Run([str(BIN / "mpiexec"), "-n", "2", sys.executable, ENTRY, "--config", "configs/tiny.yaml",
                *overrides(small_corpus, run_dir, **{"train.max_steps": 200, "train.save_every": 100})],
               env={"MASTER_PORT": str(free_port())})
     run.wait_for_step(run_dir, 1)

@@ -1,16 +1,15 @@
-"""Run the real trainer through the real `deepspeed` launcher (or plain python / mpiexec)."""
+"""The tests' names for starting the real trainer: thin wrappers over trainer/launch.py, the one
+launcher (free port, command, start, wait with a timeout, kill the process group).
+
+`launch` starts plain env:// ranks unless told `launcher="deepspeed"`: the `deepspeed` runner costs
+about 20 s of CPU per run before training starts, so only the tests of the launcher itself (and one
+layout run in test_train.py, so that every trainer path runs under it too) pay for it."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.distributed import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from trainer.launch import BIN, ENTRY, ROOT, run_killing_group, start, trainer_args  # noqa: F401 (re-exported)
 
 
 def tiny_overrides(data: Path, run_dir: Path, **extra) -> list:
@@ -23,27 +22,18 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> list:
 
 def launch(nproc: int, overrides: list, ds_config: str = "ds_configs/zero2.json",
            config: str = "configs/tiny.yaml", check: bool = True, timeout: int = 600,
-           env: dict = None, script: str = "train.py") -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           script, "--ds_config", ds_config, "--config", config, *overrides]
-    proc = run_killing_group(cmd, timeout, env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def run_killing_group(cmd: list, timeout: int, env: dict) -> subprocess.CompletedProcess:
-    """subprocess.run, except that a timeout kills the launcher's whole process group: killing
-    only the launcher would leave its rank processes training behind the rest of the suite."""
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
+           env: dict = None, script: str = ENTRY, launcher: str = "env") -> subprocess.CompletedProcess:
+    """Run to the end; stdout holds every process's output (stderr is empty, kept for callers)."""
+    args = trainer_args(overrides, config=config, ds_config=ds_config, script=script)
+    run = start(nproc, args, launcher=launcher, env=env)
     try:
-        out, err = p.communicate(timeout=timeout)
+        rc = run.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+        raise AssertionError(f"trainer did not end within {timeout} s:\n{run.text()[-6000:]}") from None
+    text = run.text()
+    if check and rc != 0:
+        raise AssertionError(f"trainer failed ({rc}):\n{text[-12000:]}")
+    return subprocess.CompletedProcess(run.cmd, rc, text, "")
 
 
 def read_metrics(run_dir: Path) -> list:

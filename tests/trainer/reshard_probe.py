@@ -1,4 +1,4 @@
-"""Launched by tests/trainer/test_reshard.py under the `deepspeed` launcher: set up a run at this
+"""Launched by tests/trainer/test_reshard.py (trainer/launch.py, env:// ranks): set up a run at this
 layout (which loads its newest checkpoint, written at another layout), then save that state again,
 untouched, into PROBE_OUT. The test compares the two checkpoints tensor by tensor."""
 import os

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.synthetic_run import reseal, write_run
-from trainer import checkpoint_store, checkpoints
+from rundir import checkpoint_store, checkpoints
 from rundir.checkpoint_store import FragmentReader, consolidate
 from rundir.checkpoints import CheckpointError, find_checkpoint, prune, write_manifest
 from trainer.engine.checkpoint import write_consolidation_script

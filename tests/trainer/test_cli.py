@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.trainer.launch import BIN, ROOT, per_step, run_killing_group, tiny_overrides
+from trainer.launch import ENTRY
 from rundir.config import load_config
 from model import ConfigError
 
 
 def run_main(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, ENTRY, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -84,7 +85,7 @@ def test_ds_json_contradicting_yaml_and_zero3_with_moe(small_corpus, tmp_path):
 def test_resolved_config_is_saved_and_reloads(small_corpus, tmp_path):
     """mpiexec launch (MPI discovery through mpi4py), and the run directory's resolved configs."""
     run_dir = tmp_path / "mpi"
-    proc = run_killing_group([str(BIN / "mpiexec"), "-n", "2", sys.executable, "train.py", "--config",
+    proc = run_killing_group([str(BIN / "mpiexec"), "-n", "2", sys.executable, ENTRY, "--config",
                               "configs/tiny.yaml", *tiny_overrides(small_corpus, run_dir, **{
                                   "train.max_steps": 2, "train.eval_every": 100, "train.save_every": 100})],
                              timeout=600, env={**os.environ})

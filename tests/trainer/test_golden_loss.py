@@ -1,5 +1,6 @@
-"""A stored golden loss curve: the tiny preset's first 20 steps on 2 processes (the real `deepspeed`
-launcher, gloo, ZeRO-2), train loss at every step and validation loss at steps 0, 10 and 20, so that a
+"""A stored golden loss curve: the tiny preset's first 20 steps on 2 processes (plain env:// ranks
+from trainer/launch.py, gloo, ZeRO-2; the stored curve was recorded through the `deepspeed` launcher,
+which sets the same variables), train loss at every step and validation loss at steps 0, 10 and 20, so that a
 change of numerics fails loudly and names the first step that moved.
 
 The curve is stored in tests/assets/losses/tiny_ec_2proc.txt together with what it was recorded on:
@@ -27,7 +28,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:   # run as a script to regenerate
 
 import pytest  # noqa: E402
 
-from tests.distributed import free_port  # noqa: E402
-from tests.trainer.launch import BIN, read_metrics, run_killing_group  # noqa: E402
+from tests.trainer.launch import read_metrics  # noqa: E402
+from trainer.launch import ENTRY, start, trainer_args  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "assets" / "losses" / "tiny_ec_2proc.txt"
 DATA = ROOT / "data" / "default"
@@ -74,13 +74,16 @@ def record(repo: Path, data: Path, work: Path, timeout: int = 900) -> dict:
     {"train": {step: loss}, "val": {step: loss}}."""
     run_dir = work / "run"
     overrides = {**OVERRIDES, "data.path": str(data), "train.output_dir": str(run_dir)}
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(NPROC), "--master_port", str(free_port()),
-           str(repo / "trainer" / "main.py"), "--ds_config", str(repo / "ds_configs" / "zero2.json"),
-           "--config", str(repo / "configs" / "tiny.yaml"), *[f"{k}={v}" for k, v in overrides.items()]]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # imports come from `repo` alone
-    proc = run_killing_group(cmd, timeout, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    args = trainer_args([f"{k}={v}" for k, v in overrides.items()], config=repo / "configs" / "tiny.yaml",
+                        ds_config=repo / "ds_configs" / "zero2.json", script=repo / ENTRY)
+    # imports come from `repo` alone; plain env:// ranks (the curve does not depend on the launcher)
+    run = start(NPROC, args, launcher="env", env={"PYTHONPATH": None})
+    try:
+        rc = run.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"trainer did not end within {timeout} s:\n{run.text()[-4000:]}") from None
+    if rc != 0:
+        raise AssertionError(f"trainer failed ({rc}):\n{run.text()[-8000:]}")
     rows = read_metrics(run_dir)
     return {"train": {r["step"]: r["train/loss"] for r in rows if "train/loss" in r},
             "val": {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}}

@@ -1,5 +1,5 @@
 """Checkpoints that travel: a run written at one world size, expert-parallel size, ZeRO stage and
-micro-batch size continues at another, exactly (the real trainer, the real `deepspeed` launcher)."""
+micro-batch size continues at another, exactly (the real trainer, as plain env:// ranks)."""
 import os
 import shutil
 import subprocess
@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.launch import ROOT, launch, per_step, tiny_overrides
+from trainer.launch import ENTRY
 from rundir.checkpoint_store import EXP_AVG, EXP_AVG_SQ, MASTER, WEIGHTS, FragmentReader
 from rundir.checkpoints import read_state
 
@@ -139,7 +140,7 @@ def test_what_cannot_carry_over_is_refused_before_training(base, tmp_path, overr
     run_dir = tmp_path / "run"
     shutil.copytree(base["ec_half"], run_dir)
     args = tiny_overrides(base["corpus"], run_dir, **{**COMMON, "train.max_steps": FULL}) + [override]
-    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, ENTRY, "--config", "configs/tiny.yaml", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     first = proc.stderr.strip().splitlines()[-1]

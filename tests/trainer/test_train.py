@@ -1,4 +1,5 @@
-"""The real trainer through the real DeepSpeed launcher, 1 or 2 processes on gloo (no mocks)."""
+"""The real trainer, 1 or 2 processes on gloo (no mocks): one layout run through the real `deepspeed`
+launcher (the command a user types), the others as plain env:// ranks (tests/trainer/launch.py)."""
 import glob
 import json
 import os
@@ -12,21 +13,22 @@ from tests.trainer.launch import launch, per_step, read_metrics, tiny_overrides
 @pytest.fixture(scope="module")
 def runs(small_corpus, tmp_path_factory):
     """Three short runs of the tiny EC preset on the same global batches: 1 process (ep=1) and
-    2 processes with ep=2, 10 steps each; plus the 2-process ep=2 run under ZeRO-1."""
+    2 processes with ep=2 (through the `deepspeed` launcher), 10 steps each; plus the 2-process
+    ep=2 run under ZeRO-1."""
     base = tmp_path_factory.mktemp("runs")
     task = base / "toy_task.jsonl"   # on-the-fly multiple choice, evaluated under ep=2 too
     task.write_text("\n".join(json.dumps({"question": f"def f{i}(x): return", "choices": ["x", "y", "(", ")"],
                                           "answer": i % 4}) for i in range(6)) + "\n")
     tasks = f"[{{name: toy, path: {task}, mode: single_mask, every: 5}}]"
     out = {"shm_before": _deepspeed_shm_segments(), "logs": []}
-    for name, nproc, ds, extra in (("single", 1, "zero2", {}),
-                                   ("ep2", 2, "zero2", {"moe.ep_size": 2, "wandb.mode": "offline",
-                                                        "eval.tasks": tasks}),
-                                   ("ep2_zero1", 2, "zero1", {"moe.ep_size": 2})):
+    for name, nproc, ds, launcher, extra in (("single", 1, "zero2", "env", {}),
+                                             ("ep2", 2, "zero2", "deepspeed", {"moe.ep_size": 2, "wandb.mode": "offline",
+                                                                              "eval.tasks": tasks}),
+                                             ("ep2_zero1", 2, "zero1", "env", {"moe.ep_size": 2})):
         run_dir = base / name
         proc = launch(nproc, tiny_overrides(small_corpus, run_dir, **{"train.max_steps": 10, "train.save_every": 5,
                                                                "train.eval_every": 5, **extra}),
-               ds_config=f"ds_configs/{ds}.json")
+               ds_config=f"ds_configs/{ds}.json", launcher=launcher)
         out[name] = run_dir
         out["logs"].append(proc.stdout + proc.stderr)
     out["shm_after"] = _deepspeed_shm_segments()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 PAD, EOD, MASK = 0, 1, 3
-COPY, EQ, REPEAT = 4, 5, 2
+COPY, EQ, REPEAT, COUNT = 4, 5, 2, 2
 DIGITS = list(range(6, 16))     # the copy task's digits
 SYMBOLS = list(range(16, 32))   # the repeat task's alphabet
 VOCAB = 32
@@ -52,6 +52,11 @@ def make_examples(task: str, n: int, seed: int, length: int = 64) -> list:
         elif task == "repeat":
             pattern = [rng.choice(SYMBOLS) for _ in range(4)]
             out.append(Example([REPEAT, *pattern, EQ], [*(pattern * (length // 4 + 1))[:length], EOD]))
+            continue
+        elif task == "count":
+            first = rng.randrange(len(SYMBOLS))
+            run = [SYMBOLS[(first + i) % len(SYMBOLS)] for i in range(length)]
+            out.append(Example([COUNT, SYMBOLS[first], EQ], [*run, EOD]))
             continue
         else:
             raise ValueError(f"task={task!r} must be copy or repeat")

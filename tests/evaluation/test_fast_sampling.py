@@ -80,6 +80,34 @@ def test_span_forward_on_a_fresh_record_equals_the_uncached_forward(router, span
     assert torch.allclose(cached, full, atol=1e-5, rtol=0), (cached - full).abs().max()
 
 
+@pytest.mark.parametrize("router", ROUTERS)
+def test_span_forward_uses_the_spans_fresh_keys_after_its_tokens_change(router):
+    """One layer: the keys and values of a column depend on its own token only, so after tokens
+    inside the span change, the record outside it is still exact and the span forward must equal
+    the uncached forward on the new canvas; it can only if the span's keys and values are fresh."""
+    moe = {"router": router, "num_experts": 4, "expert_hidden": 16, "k": 4 if router == "expert_choice" else 2}
+    cfg = from_dict(ModelConfig, {"model": {"vocab_size": 32, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                                            "max_seq_len": 32}, "moe": moe})
+    model = DiffusionTransformer(cfg, seed=0).eval()
+    for p in model.parameters():
+        p.data.mul_(15.0) if p.dim() > 1 else None
+    x, valid, r = padded_canvas()
+    span = (10, 16)
+    rows = torch.zeros_like(valid)
+    rows[:, span[0]:span[1]] = True
+    with torch.no_grad():
+        cache = BlockKVCache()
+        model(x, r, valid, cache=cache)
+        x2 = x.clone()
+        x2[:, 10:13] = torch.tensor([7, 8, 9])    # commits inside the span
+        cache.span = span
+        cached = model(x2, r, valid, logits_mask_BL=rows, cache=cache).logits
+        full = model(x2, r, valid, logits_mask_BL=rows).logits
+        stale = model(x, r, valid, logits_mask_BL=rows).logits
+    assert not torch.allclose(full, stale, atol=1e-3)
+    assert torch.allclose(cached, full, atol=1e-5, rtol=0), (cached - full).abs().max()
+
+
 class Recorder:
     """Forward hook: every call's inputs, cache state and logits."""
 

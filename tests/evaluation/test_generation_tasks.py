@@ -76,7 +76,10 @@ def test_generate_task_specs_are_checked_before_training(tmp_path):
                        ({"steps": 3}, r"eval.tasks\[0\].steps=3 must be a multiple"),
                        ({"stop": [""]}, r"eval.tasks\[0\].stop"),
                        ({"stop": "\n"}, r"eval.tasks\[0\].stop"),
-                       ({"mode": "sample"}, r"eval.tasks\[0\].mode")):
+                       ({"mode": "sample"}, r"eval.tasks\[0\].mode"),
+                       ({"decoding": "greedy"}, r"eval.tasks\[0\]: decoding='greedy' must be one of fixed, threshold"),
+                       ({"cache": "kv"}, r"eval.tasks\[0\]: cache='kv' must be one of none, prefix, dual"),
+                       ({"decoding": "threshold", "threshold": 1.5}, r"eval.tasks\[0\]: threshold=1.5 must be in")):
         with pytest.raises(ConfigError, match=field):
             check_tasks([{**ok, **bad}])
     (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}) + "\n")

@@ -50,8 +50,8 @@ SETTINGS = {   # name -> SampleConfig fields (besides lengths)
     "threshold+dual+stop": dict(decoding="threshold", cache="dual", early_stop=True),
 }
 TASKS = {   # name -> answer length (before EOD), gen_length, block, training steps
-    "copy": dict(length=5, gen_length=128, block=32, steps=300),
-    "count": dict(length=63, gen_length=64, block=16, steps=300),
+    "copy": dict(length=5, gen_length=128, block=32, steps=200),
+    "count": dict(length=63, gen_length=64, block=16, steps=200),
 }
 QUICK = {"copy": dict(length=5, gen_length=16, block=8, steps=30), "count": dict(length=15, gen_length=16, block=8, steps=30)}
 
@@ -127,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=16, help="training batch")
+    p.add_argument("--gen-length", type=int, help="every task at this generation length (count: answers fill it)")
+    p.add_argument("--block", type=int, help="every task with this block length")
+    p.add_argument("--train-steps", type=int, help="every model trained this many steps")
     return p.parse_args(argv)
 
 
@@ -146,7 +149,11 @@ def main(argv=None) -> int:
     print(machine_line(meta["machine"]), f"load average {meta['loadavg_start']}", flush=True)
     rows, train_s = [], {}
     for task in tasks:
-        spec = (QUICK if args.quick else TASKS)[task]
+        spec = dict((QUICK if args.quick else TASKS)[task])
+        if args.gen_length:
+            spec.update(gen_length=args.gen_length, length=args.gen_length - 1 if task == "count" else spec["length"])
+        spec.update({k: v for k, v in (("block", args.block), ("steps", args.train_steps)) if v})
+        meta.setdefault("task_specs", {})[task] = spec
         examples = make_examples(task, 2000, seed=0, length=spec["length"])
         held = make_examples(task, args.prompts, seed=1, length=spec["length"])
         for arch in archs:

@@ -261,26 +261,27 @@ def generate(model, prompts: Sequence[Sequence[int]], sc: SampleConfig,
     col_L = torch.arange(L, device=dev)
     blocks = sc.gen_length // sc.block
     per_block = sc.steps // blocks
-    calls, step, cache = 0, 0, None
+    calls, step, cache, stopped = 0, 0, None, False
     for blk in range(blocks):   # left to right; each block finished before the next starts
         start, end = P + blk * sc.block, P + (blk + 1) * sc.block
         in_block_L = (col_L >= start) & (col_L < end)
         s = 0
         while sc.decoding == "threshold" or s < per_block:
-            todo_BL = (c.x_BL == m.mask_id) & c.maskable_BL & in_block_L
-            if sc.decoding == "fixed":
-                k_B = commit_counts(todo_BL.sum(1), per_block - s)
-                work = bool(k_B.any())
-            else:   # as many steps as the slowest row (of every rank) needs
-                k_B, work = None, any_rank(model, bool(todo_BL.any()))
-            if not work:
+            todo_BL = (c.x_BL == m.mask_id) & c.maskable_BL & in_block_L & (not stopped)
+            # threshold: as many steps as the slowest row needs; under expert parallelism a rank
+            # whose rows are done (or stopped early) runs the others' forwards, committing nothing
+            k_B = commit_counts(todo_BL.sum(1), per_block - s) if sc.decoding == "fixed" else None
+            if not any_rank(model, bool(todo_BL.any())):
                 break
             cache = cache_for_step(sc, cache, s == 0, start, end, L)
             denoise_step(model, c, todo_BL, k_B, step, sc, g, cache)
             calls, s, step = calls + 1, s + 1, step + 1
-            if sc.eod_id is not None and not any_rank(model, not early_stopped(c, sc.eod_id, m.mask_id)):
-                c.x_BL = torch.where((c.x_BL == m.mask_id) & c.maskable_BL, torch.full_like(c.x_BL, sc.eod_id), c.x_BL)
-                return Generation(c.x_BL, c.valid_BL, P, c.commit_BL, calls, time.perf_counter() - t0)
+            if sc.eod_id is not None:
+                if not stopped and early_stopped(c, sc.eod_id, m.mask_id):
+                    stopped = True   # this canvas is final: the rest is end-of-text
+                    c.x_BL = torch.where((c.x_BL == m.mask_id) & c.maskable_BL, torch.full_like(c.x_BL, sc.eod_id), c.x_BL)
+                if not any_rank(model, not stopped):   # every rank has stopped
+                    return Generation(c.x_BL, c.valid_BL, P, c.commit_BL, calls, time.perf_counter() - t0)
         if sc.decoding == "fixed":
             step = (blk + 1) * per_block   # today's numbering: a block's steps are a fixed range
     return Generation(c.x_BL, c.valid_BL, P, c.commit_BL, calls, time.perf_counter() - t0)

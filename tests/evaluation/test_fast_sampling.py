@@ -263,3 +263,53 @@ def test_early_stop_never_changes_the_text_before_end_of_text(copy_model):
     assert early.forward_passes < full.forward_passes
     for a, b in zip(early.generated_BG.tolist(), full.generated_BG.tolist()):
         assert a[:a.index(EOD) + 1] == b[:b.index(EOD) + 1]
+
+
+# ---- expert parallelism: ranks with different prompts agree on every step ------------------------
+EP_CASES = (("expert_choice", "static", "dual"), ("expert_choice", "linear_reverse", "prefix"),
+            ("token_choice", "static", "dual"))
+RANK_PROMPTS = ([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]], [[20, 21, 22, 23, 24], [7, 7, 7, 7, 7]])
+
+
+def ep_sample_config(cache: str, eod: int) -> SampleConfig:
+    return SampleConfig(gen_length=12, steps=12, block_length=4, decoding="threshold", threshold=0.5,
+                        cache=cache, eod_id=eod)
+
+
+def _ep_generate(rank, world, states, eods):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    out = []
+    for (router, capacity, cache), state, eod in zip(EP_CASES, states, eods):
+        model = DiffusionTransformer(tiny_config(router, capacity=capacity, ep_size=2), dist.group.WORLD).eval()
+        El = model.cfg.moe.num_experts // 2
+        model.load_state_dict({k: (v[rank * El:(rank + 1) * El] if ".experts." in k else v) for k, v in state.items()})
+        gen = generate(model, RANK_PROMPTS[rank], ep_sample_config(cache, eod))
+        out.append((gen.tokens_BL, gen.forward_passes))
+    return out
+
+
+def test_expert_parallel_ranks_with_different_prompts_agree_on_steps():
+    """Two ranks, experts split over them (ep=2), each with its own prompts: threshold decoding
+    needs a different number of steps per block on each, and early stop comes at a different
+    step; every forward is an all-to-all, so the ranks must take the same steps (any_rank). Each
+    rank's tokens equal one process's on its own prompts; the forward counts are equal."""
+    from tests.distributed import run_distributed
+    states, eods, alone = [], [], []
+    for router, capacity, cache in EP_CASES:
+        model = tiny_model(router, capacity=capacity, init_std=0.3)
+        first = generate(model, RANK_PROMPTS[0], ep_sample_config(cache, None))
+        eod = int(torch.mode(first.generated_BG[0]).values)   # a token rank 0 commits early on
+        runs = [generate(model, p, ep_sample_config(cache, eod)) for p in RANK_PROMPTS]
+        states.append(model.state_dict())
+        eods.append(eod)
+        alone.append(runs)
+    both = run_distributed(_ep_generate, 2, states, eods)
+    differed = False
+    for i, runs in enumerate(alone):
+        differed |= runs[0].forward_passes != runs[1].forward_passes
+        for rank in (0, 1):
+            tokens, calls = both[rank][i]
+            assert torch.equal(tokens, runs[rank].tokens_BL), (EP_CASES[i], rank)
+            assert calls == max(r.forward_passes for r in runs)   # the slower rank's count, on both
+    assert differed   # the case this test is for: alone, the ranks would take different steps

@@ -110,10 +110,14 @@ def completion_text(tok, ids: Sequence[int], stops: Sequence[str]) -> str:
 
 
 # ---- generation ---------------------------------------------------------------------------------
-def sample_config(task) -> SampleConfig:
-    """Greedy (temperature 0, low-confidence remasking) sampling with the task's lengths."""
+def sample_config(task, eod_id: Optional[int] = None) -> SampleConfig:
+    """Greedy (temperature 0, low-confidence remasking) sampling with the task's lengths and
+    decoding settings. With `eod_id`, generation stops early once every row has committed it:
+    the completion is cut there anyway, so the score cannot change."""
     return SampleConfig(gen_length=task.gen_length, steps=task.steps or task.gen_length,
-                        block_length=task.block_length, temperature=0.0, seed=task.seed)
+                        block_length=task.block_length, temperature=0.0, seed=task.seed,
+                        decoding=getattr(task, "decoding", "fixed"), threshold=getattr(task, "threshold", 0.9),
+                        cache=getattr(task, "cache", "none"), eod_id=eod_id)
 
 
 def prompt_ids(model, tok, item: GenItem, gen_length: int) -> list:
@@ -129,7 +133,7 @@ def prompt_ids(model, tok, item: GenItem, gen_length: int) -> list:
 def completions(model, tok, items: Sequence[GenItem], task, shape_row: Optional[list] = None) -> list:
     """Completion text per item, batch_size prompts per generate call; with `shape_row` (expert
     parallelism) every call gets batch_size rows, then that row and an empty one (results dropped)."""
-    sc = sample_config(task)   # greedy: the result depends on no random draw
+    sc = sample_config(task, tok.eod_id)   # greedy: the result depends on no random draw
     out = []
     for i in range(0, len(items), task.batch_size):
         batch = [prompt_ids(model, tok, it, sc.gen_length) for it in items[i:i + task.batch_size]]

@@ -40,6 +40,20 @@ def expert_parallel(model) -> bool:
     return any(isinstance(layer.dispatcher, AllToAllDispatcher) for layer in layers)
 
 
+def any_rank(model, flag: bool) -> bool:
+    """`flag` of any rank of the model's expert-parallel group (this rank's own flag without
+    one): a sampler's data-dependent decision (one more step? stop now?) must be the same on
+    every rank there, since every forward is a collective all of them take part in."""
+    layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    group = next((l.dispatcher.group for l in layers if isinstance(l.dispatcher, AllToAllDispatcher)), None)
+    if group is None:
+        return flag
+    import torch.distributed as dist
+    t = torch.full((1,), int(flag), dtype=torch.long, device=model_device(model))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device

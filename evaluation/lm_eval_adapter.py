@@ -13,7 +13,9 @@ request, 64), mc_batch_size (rows per forward, 32), greedy_check (true: also dec
 "is greedy" by unmasking the continuation one most-confident token at a time; false: report
 False, which saves L forwards per request), gen_length (default max_gen_toks, 128),
 block_length (32), steps_per_token (1.0), remasking (low_confidence), cfg_scale (0), seed (0),
-tokenizer (a prepared data directory; default the run's).
+decoding (fixed or threshold), threshold (0.9), cache (none, prefix or dual; docs/sampling.md),
+early_stop (false; true: stop once every row has committed end-of-text, and cut each completion
+there), tokenizer (a prepared data directory; default the run's).
 
 A lower bound replaces the exact log-likelihood, so loglikelihood-based accuracies rank choices
 by their ELBO, as LLaDA reports them; perplexity tasks (loglikelihood_rolling) give a bound.
@@ -57,7 +59,7 @@ class ECDLM(LM):
 
     def _configure(self, model, tok, batch_size, mc_num=64, mc_batch_size=32, greedy_check=True,
                    gen_length=128, block_length=32, steps_per_token=1.0, remasking="low_confidence",
-                   cfg_scale=0.0, seed=0) -> None:
+                   cfg_scale=0.0, seed=0, decoding="fixed", threshold=0.9, cache="none", early_stop=False) -> None:
         self.model, self.tok = model, tok
         self._device = model_device(model)
         self.mc_num, self.mc_batch = int(mc_num), int(mc_batch_size)
@@ -67,6 +69,9 @@ class ECDLM(LM):
         self.gen_batch = int(batch_size) if str(batch_size).isdigit() else 1   # "auto" -> 1
         self.max_len = model.cfg.model.max_seq_len
         self.seed = int(seed)
+        self.decoding, self.threshold, self.cache = str(decoding), float(threshold), str(cache)
+        self.early_stop = _bool(early_stop)
+        self._sample_config(self.block_length, 0.0).validate()   # a bad option fails here, naming itself
         self.g = torch.Generator().manual_seed(self.seed)
 
     # ---- log-likelihood ------------------------------------------------------------------------
@@ -110,7 +115,9 @@ class ECDLM(LM):
         blocks = gen // block
         steps = blocks * max(1, math.ceil(gen * self.steps_per_token / blocks))
         return SampleConfig(gen_length=gen, steps=steps, block_length=block, temperature=temperature,
-                            remasking=self.remasking, cfg_scale=self.cfg_scale, seed=self.seed)
+                            remasking=self.remasking, cfg_scale=self.cfg_scale, seed=self.seed,
+                            decoding=self.decoding, threshold=self.threshold, cache=self.cache,
+                            eod_id=self.tok.eod_id if self.early_stop else None)
 
     def generate_until(self, requests) -> list:
         out = []
@@ -125,6 +132,8 @@ class ECDLM(LM):
             prompts = [self.tok.encode(r.args[0])[-room:] if room > 0 else [] for r in batch]
             gen = generate(self.model, prompts, sc, self.g)
             for row in gen.generated_BG.tolist():
+                if self.early_stop and self.tok.eod_id in row:   # what follows it was never decoded
+                    row = row[:row.index(self.tok.eod_id)]
                 out.append(truncate_at_stops(self.tok.decode(row), until))
         return out
 

@@ -2,16 +2,28 @@
 
     python -m evaluation.sample RUN_DIR --prompt "def add(a, b):" [--prompt-file F] [--gen-length 64]
         [--steps 64] [--block-length 32] [--temperature 0] [--remasking low_confidence|random]
-        [--cfg-scale 0] [--batch-size 8] [--seed 0] [--json] [--device cpu]
+        [--cfg-scale 0] [--decoding fixed|threshold] [--threshold 0.9] [--cache none|prefix|dual]
+        [--early-stop] [--batch-size 8] [--seed 0] [--json] [--device cpu]
 
 The sequence starts as the prompt followed by `gen_length` mask tokens. The generated region is
 split into blocks of `block_length` that are filled left to right (semi-autoregressive); the
 `steps` denoising steps are split evenly across blocks, and each step commits
 ceil(masked-in-block / steps-left-in-block) positions: those whose proposed token is most
 probable (`low_confidence` remasking: the least confident stay masked) or a random subset
-(`random`). Proposals are argmax at temperature 0, else Gumbel-max samples of softmax(logits / T)
+(`random`). With `--decoding threshold` a step instead commits every masked position of the block
+whose confidence is at least tau (and at least the most confident one), so a block takes as many
+steps as it needs (`steps` is then unused). Proposals are argmax at temperature 0, else Gumbel-max samples of softmax(logits / T)
 in float64. With classifier-free guidance, the unconditional branch sees the prompt replaced by
 mask tokens and logits = uncond + (scale + 1) (cond - uncond).
+
+Caches (docs/sampling.md; Fast-dLLM's): `prefix` records every layer's keys and values with a full
+forward at a block's first step and then computes only the block and what follows it, reading the
+prompt and finished blocks from the record; `dual` computes only the block, reading the suffix from
+the record too. The record is dropped and rebuilt at every block boundary. In an expert-choice
+model the computed positions compete among themselves for each expert's capacity
+c_b = floor(A k_b / E), A computed positions, k_b the schedule's k at the whole canvas's mask ratio:
+every expert still takes exactly c_b of them. `--early-stop` ends generation once every row has
+committed end-of-text with nothing masked before it (the rest are filled with end-of-text).
 
 Each forward passes the current mask ratio r_b so an expert-choice model gets the capacity its
 schedule gives sequences in that state, by the rule the model was trained with
@@ -31,7 +43,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .inference import model_device, model_mask_ratio
+from model.kv_cache import BlockKVCache
+
+from .inference import any_rank, model_device, model_mask_ratio
 
 
 @dataclass(kw_only=True)
@@ -43,6 +57,10 @@ class SampleConfig:
     remasking: str = "low_confidence"    # or "random"
     cfg_scale: float = 0.0               # 0: no guidance (one forward per step)
     seed: int = 0
+    decoding: str = "fixed"              # or "threshold": commit every position with confidence >= threshold
+    threshold: float = 0.9
+    cache: str = "none"                  # or "prefix", "dual" (block KV caches)
+    eod_id: Optional[int] = None         # set: stop once every row has committed it (early stop)
 
     @property
     def block(self) -> int:
@@ -61,6 +79,19 @@ class SampleConfig:
             raise ValueError(f"remasking={self.remasking!r} must be low_confidence or random")
         if self.temperature < 0 or self.cfg_scale < 0:
             raise ValueError("temperature and cfg_scale must be >= 0")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding={self.decoding!r} must be one of {', '.join(DECODINGS)}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache={self.cache!r} must be one of {', '.join(CACHES)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold} must be in [0, 1] (a probability)")
+        if self.decoding == "threshold" and self.remasking != "low_confidence":
+            raise ValueError("decoding=threshold commits by the model's confidence: it needs "
+                             f"remasking=low_confidence, not {self.remasking!r}")
+
+
+DECODINGS = ("fixed", "threshold")
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclass
@@ -69,8 +100,17 @@ class Generation:
     valid_BL: torch.Tensor         # False at left padding
     gen_start: int                 # column of the first generated token (= P)
     commit_step_BL: torch.Tensor   # denoising step that committed each generated position; -1 elsewhere
-    forward_passes: int            # model calls (a guided step is one call on 2B rows)
+    forward_passes: int            # model calls (a guided step is one call on 2B rows): the NFE
     seconds: float
+
+    @property
+    def tokens_committed(self) -> int:
+        """Positions a denoising step committed (not those an early stop filled)."""
+        return int((self.commit_step_BL >= 0).sum())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_committed / max(self.seconds, 1e-9)
 
     @property
     def generated_BG(self) -> torch.Tensor:
@@ -120,19 +160,21 @@ def top_k_per_row(score_BL: torch.Tensor, k_B: torch.Tensor) -> torch.Tensor:
     return rank_BL < k_B[:, None]
 
 
-def guided_logits(model, x_BL, valid_BL, prompt_BL, rows_BL, cfg_scale: float) -> torch.Tensor:
-    """[N, V] logits at the positions `rows_BL`, with classifier-free guidance when cfg_scale > 0."""
+def guided_logits(model, x_BL, valid_BL, prompt_BL, rows_BL, cfg_scale: float, cache=None) -> torch.Tensor:
+    """[N, V] logits at the positions `rows_BL`, with classifier-free guidance when cfg_scale > 0.
+    `cache` (model.kv_cache.BlockKVCache) is handed to the model: with a span, `rows_BL` must lie in it."""
     mask_id = model.cfg.model.mask_id
     pad_valid = None if bool(valid_BL.all()) else valid_BL   # None keeps the fast unpadded path
     r_B = model_mask_ratio(model, x_BL, valid_BL, prompt_BL)
+    kw = {} if cache is None else {"cache": cache}   # a stand-in model need not know caches
     if cfg_scale <= 0:
-        return model(x_BL, r_B, pad_valid, logits_mask_BL=rows_BL).logits
+        return model(x_BL, r_B, pad_valid, logits_mask_BL=rows_BL, **kw).logits
     # unconditional branch: the prompt is masked too
     x_un = torch.where(prompt_BL, torch.full_like(x_BL, mask_id), x_BL)
     r_un = model_mask_ratio(model, x_un, valid_BL, prompt_BL)
     both_V = pad_valid if pad_valid is None else torch.cat([pad_valid, pad_valid])
     logits = model(torch.cat([x_BL, x_un]), torch.cat([r_B, r_un]), both_V,
-                   logits_mask_BL=torch.cat([rows_BL, rows_BL])).logits
+                   logits_mask_BL=torch.cat([rows_BL, rows_BL]), **kw).logits
     cond, uncond = logits.chunk(2)
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
@@ -157,27 +199,55 @@ def make_canvas(prompts: Sequence[Sequence[int]], G: int, pad_id: int, mask_id: 
     return Canvas(x_BL, valid_BL, prompt_BL, valid_BL & ~prompt_BL, torch.full_like(x_BL, -1))
 
 
-def denoise_step(model, c: Canvas, todo_BL: torch.Tensor, k_B: torch.Tensor, step: int, sc: SampleConfig,
-                 g: torch.Generator) -> None:
-    """Propose a token at every position in `todo_BL` and commit the k_b best of each row."""
-    logits_NV = guided_logits(model, c.x_BL, c.valid_BL, c.prompt_BL, todo_BL, sc.cfg_scale)
+def denoise_step(model, c: Canvas, todo_BL: torch.Tensor, k_B: Optional[torch.Tensor], step: int,
+                 sc: SampleConfig, g: torch.Generator, cache=None) -> None:
+    """Propose a token at every position in `todo_BL` and commit the k_b best of each row (k_B
+    None: every one whose confidence reaches sc.threshold, and each row's best)."""
+    logits_NV = guided_logits(model, c.x_BL, c.valid_BL, c.prompt_BL, todo_BL, sc.cfg_scale, cache)
     logits_NV[:, model.cfg.model.mask_id] = float("-inf")   # never propose the mask token itself
     token_N, conf_N = propose(logits_NV, sc.temperature, g)
     if sc.remasking == "random":
         conf_N = torch.rand(conf_N.shape, generator=g, dtype=torch.float64, device=conf_N.device)
     score_BL = torch.full(c.x_BL.shape, float("-inf"), dtype=torch.float64, device=conf_N.device)
     score_BL[todo_BL] = conf_N
-    commit_BL = top_k_per_row(score_BL, k_B) & todo_BL
+    if k_B is None:   # threshold: each row's best (a step always commits one) and all confident ones
+        commit_BL = (top_k_per_row(score_BL, todo_BL.any(1).long()) | (score_BL >= sc.threshold)) & todo_BL
+    else:
+        commit_BL = top_k_per_row(score_BL, k_B) & todo_BL
     proposal_BL = c.x_BL.clone()
     proposal_BL[todo_BL] = token_N
     c.x_BL = torch.where(commit_BL, proposal_BL, c.x_BL)
     c.commit_BL[commit_BL] = step
 
 
+def cache_for_step(sc: SampleConfig, cache: Optional[BlockKVCache], first_step: bool, start: int, end: int,
+                   L: int):
+    """The cache a step's forward uses: a fresh recording at a block's first step (the old record
+    is stale: the previous block's tokens changed), else the record with the span to compute."""
+    if sc.cache == "none":
+        return None
+    if first_step:
+        return BlockKVCache()
+    cache.span = (start, end if sc.cache == "dual" else L)   # prefix: the block and all after it
+    return cache
+
+
+def early_stopped(c: Canvas, eod_id: int, mask_id: int) -> bool:
+    """True when every row holds a committed end-of-text with no masked position before it, so
+    no later step can change its text up to there."""
+    gen_BL = c.maskable_BL
+    eod_BL = (c.x_BL == eod_id) & gen_BL
+    before_BL = eod_BL.cumsum(1) == 0                  # columns before the row's first end-of-text
+    open_B = ((c.x_BL == mask_id) & gen_BL & before_BL).any(1)
+    return bool((eod_BL.any(1) & ~open_B).all())
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], sc: SampleConfig,
              generator: Optional[torch.Generator] = None) -> Generation:
-    """Fill `sc.gen_length` tokens after each prompt (token id lists, batched together)."""
+    """Fill `sc.gen_length` tokens after each prompt (token id lists, batched together). Under
+    expert parallelism every rank must call it with the same shapes and settings: the ranks then
+    agree on every step taken (see any_rank)."""
     sc.validate()
     m = model.cfg.model
     P = max(len(p) for p in prompts)
@@ -187,18 +257,33 @@ def generate(model, prompts: Sequence[Sequence[int]], sc: SampleConfig,
     g = generator or torch.Generator(device=dev).manual_seed(sc.seed)
     t0 = time.perf_counter()
     c = make_canvas(prompts, sc.gen_length, m.pad_id, m.mask_id, dev)
-    col_L = torch.arange(c.x_BL.shape[1], device=dev)
+    L = c.x_BL.shape[1]
+    col_L = torch.arange(L, device=dev)
     blocks = sc.gen_length // sc.block
     per_block = sc.steps // blocks
-    calls = 0
+    calls, step, cache, stopped = 0, 0, None, False
     for blk in range(blocks):   # left to right; each block finished before the next starts
-        in_block_L = (col_L >= P + blk * sc.block) & (col_L < P + (blk + 1) * sc.block)
-        for s in range(per_block):
-            todo_BL = (c.x_BL == m.mask_id) & c.maskable_BL & in_block_L
-            k_B = commit_counts(todo_BL.sum(1), per_block - s)
-            if bool(k_B.any()):
-                denoise_step(model, c, todo_BL, k_B, blk * per_block + s, sc, g)
-                calls += 1
+        start, end = P + blk * sc.block, P + (blk + 1) * sc.block
+        in_block_L = (col_L >= start) & (col_L < end)
+        s = 0
+        while sc.decoding == "threshold" or s < per_block:
+            todo_BL = (c.x_BL == m.mask_id) & c.maskable_BL & in_block_L & (not stopped)
+            # threshold: as many steps as the slowest row needs; under expert parallelism a rank
+            # whose rows are done (or stopped early) runs the others' forwards, committing nothing
+            k_B = commit_counts(todo_BL.sum(1), per_block - s) if sc.decoding == "fixed" else None
+            if not any_rank(model, bool(todo_BL.any())):
+                break
+            cache = cache_for_step(sc, cache, s == 0, start, end, L)
+            denoise_step(model, c, todo_BL, k_B, step, sc, g, cache)
+            calls, s, step = calls + 1, s + 1, step + 1
+            if sc.eod_id is not None:
+                if not stopped and early_stopped(c, sc.eod_id, m.mask_id):
+                    stopped = True   # this canvas is final: the rest is end-of-text
+                    c.x_BL = torch.where((c.x_BL == m.mask_id) & c.maskable_BL, torch.full_like(c.x_BL, sc.eod_id), c.x_BL)
+                if not any_rank(model, not stopped):   # every rank has stopped
+                    return Generation(c.x_BL, c.valid_BL, P, c.commit_BL, calls, time.perf_counter() - t0)
+        if sc.decoding == "fixed":
+            step = (blk + 1) * per_block   # today's numbering: a block's steps are a fixed range
     return Generation(c.x_BL, c.valid_BL, P, c.commit_BL, calls, time.perf_counter() - t0)
 
 
@@ -241,11 +326,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax, deterministic")
     p.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--decoding", choices=DECODINGS, default="fixed",
+                   help="fixed: steps/blocks tokens per step; threshold: every position with confidence >= --threshold")
+    p.add_argument("--threshold", type=float, default=0.9, help="confidence that commits a position (threshold decoding)")
+    p.add_argument("--cache", choices=CACHES, default="none", help="block KV cache (docs/sampling.md)")
+    p.add_argument("--early-stop", action="store_true",
+                   help="stop once every prompt has committed end-of-text (the rest is filled with it)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", help="prepared data directory holding tokenizer.model (default: the run's)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt instead of text, with its call's nfe and tokens_per_s")
     return p.parse_args(argv)
 
 
@@ -254,7 +346,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     sc = SampleConfig(gen_length=args.gen_length, steps=args.steps or args.gen_length,
                       block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
-                      cfg_scale=args.cfg_scale, seed=args.seed)
+                      cfg_scale=args.cfg_scale, seed=args.seed, decoding=args.decoding,
+                      threshold=args.threshold, cache=args.cache)
     try:
         sc.validate()
         prompts = read_prompts(args)
@@ -267,16 +360,20 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     g = torch.Generator(device=model_device(model)).manual_seed(args.seed)
+    if args.early_stop:
+        sc.eod_id = tok.eod_id
     calls, seconds, n_tokens = 0, 0.0, 0
     for i in range(0, len(prompts), args.batch_size):
         batch = prompts[i:i + args.batch_size]
         out = generate(model, [tok.encode(p) for p in batch], sc, g)
         calls, seconds = calls + out.forward_passes, seconds + out.seconds
-        n_tokens += out.generated_BG.numel()
+        n_tokens += out.tokens_committed
         for prompt, row in zip(batch, out.generated_BG.tolist()):
             text = tok.decode(row)
-            # the ids too: the generated region as committed (past an end-of-document as well)
-            print(json.dumps({"prompt": prompt, "completion": text, "completion_ids": row}) if args.json else
+            # the ids too: the generated region as committed (past an end-of-document as well);
+            # nfe and tokens_per_s are of the generate call this prompt was batched in
+            print(json.dumps({"prompt": prompt, "completion": text, "completion_ids": row, "nfe": out.forward_passes,
+                              "tokens_per_s": round(out.tokens_per_s, 3)}) if args.json else
                   f"=== prompt: {prompt!r}\n{prompt}{text}\n", flush=True)
     print(f"[{cfg.moe.router}] {len(prompts)} prompts, {calls} forward passes, {n_tokens} tokens in "
           f"{seconds:.2f} s ({n_tokens / max(seconds, 1e-9):,.1f} tokens/s)", file=sys.stderr)

@@ -31,6 +31,9 @@ class EvalTaskConfig:
     steps: Optional[int] = None               # denoising steps; default gen_length
     block_length: Optional[int] = None        # semi-autoregressive block; default gen_length
     stop: list[str] = field(default_factory=list)   # strings that end a completion (besides end-of-text)
+    decoding: str = "fixed"                   # or threshold (docs/sampling.md)
+    threshold: float = 0.9                    # confidence that commits a position (decoding threshold)
+    cache: str = "none"                       # block KV cache: none, prefix or dual
 
 
 def validate_tasks(tasks: list, prefix: str = "eval.tasks") -> None:

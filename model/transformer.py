@@ -58,13 +58,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else None
 
-    def forward(self, x_BLD, rope, attn_mask_B11L: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BLD, rope, attn_mask_B11L: Optional[torch.Tensor], kv=None) -> torch.Tensor:
         B, L, _ = x_BLD.shape
         q_BHLd = self.wq(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k_BKLd, v_BKLd = self.wkv(x_BLD).view(B, L, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.q_norm is not None:   # QK-norm before RoPE
             q_BHLd, k_BKLd = self.q_norm(q_BHLd), self.k_norm(k_BKLd)
         q_BHLd, k_BKLd = apply_rope(q_BHLd, *rope), apply_rope(k_BKLd, *rope)
+        if kv is not None:   # block cache (model/kv_cache.py): records these, or adds the cached columns
+            k_BKLd, v_BKLd = kv(k_BKLd, v_BKLd)
         o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BKLd, v_BKLd, attn_mask=attn_mask_B11L,
                                                 is_causal=False, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(o_BHLd.transpose(1, 2).reshape(B, L, -1))
@@ -87,8 +89,8 @@ class Block(nn.Module):
         self.ffn = (MoELayer(d, cfg.moe, ep_group, layer_idx, init_seed=None, capacity=cfg.capacity) if self.is_moe
                     else SwiGLU(d, dense_hidden(cfg.moe)))
 
-    def forward(self, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL) -> BlockOutput:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, attn_mask)
+    def forward(self, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, kv=None) -> BlockOutput:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, attn_mask, kv)
         h_BLD = self.ffn_norm(x_BLD)
         if not self.is_moe:
             return BlockOutput(x_BLD + self.ffn(h_BLD), x_BLD.new_zeros(()))
@@ -138,21 +140,29 @@ class DiffusionTransformer(nn.Module):
 
     def forward(self, tokens_BL: torch.Tensor, mask_ratio_B: Optional[torch.Tensor] = None,
                 valid_BL: Optional[torch.Tensor] = None,
-                logits_mask_BL: Optional[torch.Tensor] = None) -> ModelOutput:
+                logits_mask_BL: Optional[torch.Tensor] = None, cache=None) -> ModelOutput:
         """valid_BL: False at pad positions (None = no padding, which keeps flash attention).
-        logits_mask_BL: compute the output head only where True (the masked positions)."""
+        logits_mask_BL: compute the output head only where True (the masked positions).
+        cache: a model.kv_cache.BlockKVCache, recording (a full forward) or with a span of columns
+        to compute (the other columns' keys and values come from it; logits are the span's)."""
         B, L = tokens_BL.shape
         if L > self.cfg.model.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
-        x_BLD = self.embed(tokens_BL)
         rope = (self.rope_cos, self.rope_sin)
         attn_mask = valid_BL[:, None, None, :] if valid_BL is not None else None   # key padding
+        kvs = [None] * len(self.blocks) if cache is None else [cache.layer(i) for i in range(len(self.blocks))]
+        if cache is not None and cache.span is not None:   # span forward: queries, MoE, head of a:b only
+            a, b = cache.span
+            tokens_BL, rope = tokens_BL[:, a:b], (self.rope_cos[a:b], self.rope_sin[a:b])
+            valid_BL = valid_BL[:, a:b] if valid_BL is not None else None
+            logits_mask_BL = logits_mask_BL[:, a:b] if logits_mask_BL is not None else None
+        x_BLD = self.embed(tokens_BL)
         aux, stats = x_BLD.new_zeros((), dtype=torch.float32), []
-        for block in self.blocks:
+        for block, kv in zip(self.blocks, kvs):
             if self.cfg.model.activation_checkpointing and self.training:
                 out = checkpoint(block, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, use_reentrant=False)
             else:
-                out = block(x_BLD, rope, attn_mask, mask_ratio_B, valid_BL)
+                out = block(x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, kv)
             x_BLD, aux = out.hidden, aux + out.loss
             if out.stats is not None:
                 stats.append(out.stats)

@@ -40,7 +40,7 @@ def tag_for(step: int) -> str:
 
 def verify(ckpt_dir: str, checksums: bool = True) -> None:
     """Raises CheckpointError naming the first file that is missing, short, changed or malformed
-    (trainer/checkpoint_store.verify), or a state.json the trainer cannot resume from."""
+    (rundir/checkpoint_store.verify), or a state.json the trainer cannot resume from."""
     manifest = verify_files(ckpt_dir, checksums)
     if STATE in manifest["files"]:
         read_state(ckpt_dir)

@@ -47,7 +47,8 @@ class FixedLogits(nn.Module):
         self.register_buffer("table", table_LV.float())
         self.calls = []
 
-    def forward(self, tokens_BL, mask_ratio_B=None, valid_BL=None, logits_mask_BL=None):
+    def forward(self, tokens_BL, mask_ratio_B=None, valid_BL=None, logits_mask_BL=None, cache=None):
+        # a block cache changes nothing here: the logits of the rows asked for, from the table
         ratio = None if mask_ratio_B is None else mask_ratio_B.clone()
         self.calls.append({"tokens": tokens_BL.clone(), "ratio": ratio})
         B, L = tokens_BL.shape

@@ -76,7 +76,10 @@ def test_generate_task_specs_are_checked_before_training(tmp_path):
                        ({"steps": 3}, r"eval.tasks\[0\].steps=3 must be a multiple"),
                        ({"stop": [""]}, r"eval.tasks\[0\].stop"),
                        ({"stop": "\n"}, r"eval.tasks\[0\].stop"),
-                       ({"mode": "sample"}, r"eval.tasks\[0\].mode")):
+                       ({"mode": "sample"}, r"eval.tasks\[0\].mode"),
+                       ({"decoding": "greedy"}, r"eval.tasks\[0\]: decoding='greedy' must be one of fixed, threshold"),
+                       ({"cache": "kv"}, r"eval.tasks\[0\]: cache='kv' must be one of none, prefix, dual"),
+                       ({"decoding": "threshold", "threshold": 1.5}, r"eval.tasks\[0\]: threshold=1.5 must be in")):
         with pytest.raises(ConfigError, match=field):
             check_tasks([{**ok, **bad}])
     (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}) + "\n")
@@ -176,7 +179,26 @@ def test_evaluate_tasks_logs_exact_match(trained, tmp_path):
 
 
 # ---- two gloo ranks -------------------------------------------------------------------------------
-CASES = ((1, "linear_reverse"), (2, "linear_reverse"), (2, "static"))   # (ep_size, capacity schedule)
+# (ep_size, capacity schedule or "tc", decoding): plain is fixed decoding with no cache; the fast
+# ones decode by threshold with a block cache, so the ranks must agree on every step taken
+CASES = ((1, "linear_reverse", "plain"), (2, "linear_reverse", "plain"), (2, "static", "plain"),
+         (2, "linear_reverse", "threshold_dual"), (2, "static", "threshold_prefix"), (2, "tc", "threshold_dual"))
+DECODINGS = {"plain": {}, "threshold_dual": {"decoding": "threshold", "threshold": 0.9, "cache": "dual"},
+             "threshold_prefix": {"decoding": "threshold", "threshold": 0.9, "cache": "prefix"}}
+
+
+def case_model(vocab: int, capacity: str, ep_size: int = 1, group=None) -> DiffusionTransformer:
+    """EC with the capacity schedule, or dropless TC ("tc"), at the trained model's shapes."""
+    if capacity == "tc":
+        cfg = tiny_config("token_choice", vocab=vocab, max_seq_len=32, ep_size=ep_size)
+    else:
+        cfg = tiny_config("expert_choice", vocab=vocab, max_seq_len=32, capacity=capacity, ep_size=ep_size)
+    return DiffusionTransformer(cfg, group) if ep_size > 1 else DiffusionTransformer(cfg)
+
+
+def case_task(task, decoding: str):
+    from dataclasses import replace
+    return replace(task, **DECODINGS[decoding])
 
 
 def _on_ranks(rank, world, state, vocab, items, words, task):
@@ -185,12 +207,12 @@ def _on_ranks(rank, world, state, vocab, items, words, task):
     import torch.distributed as dist
     torch.set_num_threads(1)
     out = {}
-    for ep_size, capacity in CASES:
-        cfg = tiny_config("expert_choice", vocab=vocab, max_seq_len=32, capacity=capacity, ep_size=ep_size)
-        model = DiffusionTransformer(cfg, dist.group.WORLD) if ep_size > 1 else DiffusionTransformer(cfg)
-        El, first = cfg.moe.num_experts // ep_size, (rank if ep_size > 1 else 0)
+    for ep_size, capacity, decoding in CASES:
+        model = case_model(vocab, capacity, ep_size, dist.group.WORLD)
+        El, first = model.cfg.moe.num_experts // ep_size, (rank if ep_size > 1 else 0)
         model.load_state_dict({k: (v[first * El:(first + 1) * El] if ".experts." in k else v) for k, v in state.items()})
-        out[ep_size, capacity] = evaluate_generation(model.eval(), WordTokenizer(words[4:]), items, task)
+        out[ep_size, capacity, decoding] = evaluate_generation(model.eval(), WordTokenizer(words[4:]), items,
+                                                               case_task(task, decoding))
     return out
 
 
@@ -198,17 +220,20 @@ def test_two_ranks_give_the_one_process_result(trained):
     """7 items on 2 ranks (one rank repeats one and drops it), batches of 3, prompts of different
     lengths, so ranks hold batches of different shapes. Under ep=2 every forward is an all-to-all
     and with static capacity its sizes follow from each rank's own shapes: the result must still
-    be the one-process one, which it is only if every rank runs the same forwards."""
+    be the one-process one, which it is only if every rank runs the same forwards. Threshold
+    decoding takes as many steps as a rank's batch needs and early stop ends when a rank's rows
+    have ended: the ranks must agree on both."""
     model, tok, mc = trained
     items = colour_items(mc[:6]) + [GenItem("a much longer question about thing3 that is", mc[3].choices[mc[3].answer])]
-    task = EvalTaskConfig(name="c", path="-", mode="generate", gen_length=2, steps=2, block_length=1, batch_size=3,
+    task = EvalTaskConfig(name="c", path="-", mode="generate", gen_length=4, steps=4, block_length=2, batch_size=3,
                           answer_regex=r"^\s*(\S+)")
     one = {}
-    for _, capacity in CASES:
-        same = DiffusionTransformer(tiny_config("expert_choice", vocab=len(tok.words), capacity=capacity)).eval()
+    for _, capacity, decoding in CASES:
+        same = case_model(len(tok.words), capacity).eval()
         same.load_state_dict(model.state_dict())   # the trained weights, this capacity schedule
-        one[capacity] = evaluate_generation(same, tok, items, task, rank=0, world=1)
+        one[capacity, decoding] = evaluate_generation(same, tok, items, case_task(task, decoding), rank=0, world=1)
     both = run_distributed(_on_ranks, 2, model.state_dict(), len(tok.words), items, tok.words, task)
     for case in CASES:
-        assert both[0][case] == both[1][case] == one[case[1]], case
-    assert one["linear_reverse"]["n"] == 7 and one["linear_reverse"]["exact_match"] >= 5 / 7
+        assert both[0][case] == both[1][case] == one[case[1:]], case
+    assert one["linear_reverse", "plain"]["n"] == 7 and one["linear_reverse", "plain"]["exact_match"] >= 5 / 7
+    assert one["linear_reverse", "threshold_dual"]["exact_match"] >= 5 / 7

@@ -133,3 +133,27 @@ def test_is_greedy_follows_the_sampler():
     assert greedy and not not_greedy and a > b
     out = lm.generate_until([_Req("w0 w1", {"until": ["w4"], "max_gen_toks": 3})])
     assert out == ["w3 w3 w3"]
+
+
+def test_fast_decoding_model_args():
+    """decoding, threshold, cache and early_stop as model arguments: hand-set logits end every row
+    with end-of-text after two words; early stop cuts there, in fewer forwards than fixed decoding;
+    a bad value fails when the adapter is built, naming it."""
+    import pytest
+    import torch
+
+    def table(tok):
+        t = torch.zeros(32, 16)
+        t[2:, tok.encode("w3")[0]] = 5.0
+        t[4:, tok.eod_id] = 9.0
+        return t
+    fast, tok = _adapter(table, decoding="threshold", threshold="0.5", cache="dual", early_stop="true", block_length=4)
+    plain, _ = _adapter(table, block_length=4)
+    reqs = [_Req("w0 w1", {"until": ["w9"], "max_gen_toks": 8})]
+    assert fast.generate_until(reqs) == ["w3 w3"]
+    assert plain.generate_until(reqs)[0].startswith("w3 w3")
+    calls = len(fast.model.calls)
+    fast.generate_until(reqs)
+    assert len(fast.model.calls) - calls == 1   # the first block: everything above 0.5, then every row ended
+    with pytest.raises(ValueError, match="cache='kv' must be one of none, prefix, dual"):
+        _adapter(table, cache="kv")

@@ -146,3 +146,16 @@ def test_command_line_on_a_real_run(two_runs, tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["class Foo", "import os\nimport", "def main():"]
     assert "8 forward passes" in proc.stderr and "tokens/s" in proc.stderr   # one batch of 3, 8 steps
+    assert all(r["nfe"] == 8 and r["tokens_per_s"] > 0 for r in rows)
+    # the documented fast settings (docs/sampling.md): threshold decoding, dual cache, early stop
+    fast = subprocess.run([sys.executable, "-m", "evaluation.sample", str(two_runs["ec"]), "--prompt", "class Foo",
+                           "--prompt-file", str(prompts), "--gen-length", "16", "--block-length", "8",
+                           "--decoding", "threshold", "--threshold", "0.9", "--cache", "dual", "--early-stop", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert fast.returncode == 0, fast.stderr
+    rows = [json.loads(line) for line in fast.stdout.splitlines()]
+    assert len(rows) == 3 and all(2 <= r["nfe"] <= 16 and r["tokens_per_s"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "evaluation.sample", str(two_runs["ec"]), "--prompt", "x",
+                          "--decoding", "threshold", "--threshold", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "threshold=2.0 must be in [0, 1]" in bad.stderr

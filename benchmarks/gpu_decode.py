@@ -57,34 +57,60 @@ def time_call(fn, device, warmup: int, repeat: int) -> tuple[float, object]:
 
 
 @torch.no_grad()
-def run(args) -> list[dict]:
-    """One row per (config, batch, setting): seconds, tokens/s, NFE, speedup over plain."""
-    o = options(args)
-    rows = []
-    for name in STEP_CONFIGS:
-        cfg, _, L = step_config(name, o.smoke)
-        if o.prompt_length + o.gen_length > L:
-            raise ValueError(f"prompt_length {o.prompt_length} + gen_length {o.gen_length} exceeds {name}'s "
-                             f"max_seq_len {L}")
-        model = device_model(cfg, o.device, o.dtype).eval()
-        g = torch.Generator().manual_seed(0)
+def config_rows(o, name: str):
+    """Rows of one config, one per (batch, setting), yielded as each is measured; a setting that
+    fails becomes its row's error and the others still run."""
+    from benchmarks.gpu_guard import error_fields
+    cfg, _, L = step_config(name, o.smoke)
+    if o.prompt_length + o.gen_length > L:
+        raise ValueError(f"prompt_length {o.prompt_length} + gen_length {o.gen_length} exceeds {name}'s "
+                         f"max_seq_len {L}")
+    model = device_model(cfg, o.device, o.dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    try:
         for batch in o.batches:
             prompts = torch.randint(4, cfg.model.vocab_size, (batch, o.prompt_length), generator=g).tolist()
             base = None
             for setting, kw in SETTINGS.items():
-                sc = SampleConfig(gen_length=o.gen_length, steps=o.gen_length, block_length=o.block, **kw)
-                seconds, out = time_call(lambda sc=sc: generate(model, prompts, sc), o.device, o.warmup, o.repeat)
+                row = {"part": "decode", "case": f"{name} b{batch} {setting}", "config": name, "batch": batch,
+                       "setting": setting, "gen_length": o.gen_length, "block": o.block,
+                       "prompt_length": o.prompt_length, "dtype": str(o.dtype).removeprefix("torch."),
+                       "device": o.device.type}
+                try:
+                    sc = SampleConfig(gen_length=o.gen_length, steps=o.gen_length, block_length=o.block, **kw)
+                    seconds, out = time_call(lambda sc=sc: generate(model, prompts, sc), o.device, o.warmup,
+                                             o.repeat)
+                except Exception as err:   # an out-of-memory at batch 32 too: the other rows stand
+                    yield {**row, **error_fields(err)}
+                    continue
                 tps = batch * o.gen_length / seconds
                 base = base or tps
-                rows.append({"part": "decode", "case": f"{name} b{batch} {setting}", "config": name, "batch": batch,
-                             "setting": setting, "gen_length": o.gen_length, "block": o.block,
-                             "prompt_length": o.prompt_length, "nfe": out.forward_passes, "seconds": seconds,
-                             "tokens_per_s": tps, "speedup_vs_plain": tps / base,
-                             "dtype": str(o.dtype).removeprefix("torch."), "device": o.device.type})
+                yield {**row, "nfe": out.forward_passes, "seconds": seconds, "tokens_per_s": tps,
+                       "speedup_vs_plain": tps / base}
+    finally:
         del model
         if o.device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+
+
+def run(args) -> list[dict]:
+    """One row per (config, batch, setting): seconds, tokens/s, NFE, speedup over plain."""
+    o = options(args)
+    return [row for name in STEP_CONFIGS for row in config_rows(o, name)]
+
+
+def part(ctx, sink) -> None:
+    """benchmarks/gpu_main.py's entry: each row reaches the sink as it is measured, and a config
+    that fails to build keeps the other's rows."""
+    from benchmarks.gpu_guard import error_fields
+    o = options(SimpleNamespace(smoke=ctx.smoke, device=str(ctx.device), repeat=2))
+    o.dtype = ctx.dtype
+    for name in STEP_CONFIGS:
+        try:
+            for row in config_rows(o, name):
+                sink.add(row)
+        except Exception as err:
+            sink.add({"part": "decode", "case": name, "config": name, **error_fields(err)})
 
 
 if __name__ == "__main__":

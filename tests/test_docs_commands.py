@@ -87,7 +87,7 @@ print(json.dumps(out))
 
 # programs whose argument parsing depends on files a run writes (run directories), or that are
 # not ours (lm-eval's own CLI is reached through our adapter module)
-NOT_OURS = ("runs/", "checkpoints/")
+NOT_OURS = ("runs/", "checkpoints/", "zero_to_fp32.py")   
 OUR_PACKAGES = ("model", "rundir", "trainer", "evaluation", "benchmarks")
 
 

@@ -17,6 +17,8 @@ capacity, which become symbolic after they first change), training and evaluatio
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -34,9 +36,16 @@ def use_compile(setting, device_type: str) -> bool:
     raise ValueError(f"train.compile={setting!r} must be auto, true or false")
 
 
+def compile_backend() -> str:
+    """inductor, unless ECDLM_COMPILE_BACKEND names another torch.compile backend: aot_eager runs
+    dynamo and AOTAutograd (graph capture, the backward graph) without generating code, which the
+    multi-process tests use on a shared CPU where inductor's code generation takes minutes."""
+    return os.environ.get("ECDLM_COMPILE_BACKEND", "inductor")
+
+
 def compile_blocks(model: nn.Module) -> int:
     """Compiles each of model.blocks in place; returns how many."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
     for block in model.blocks:
-        block.compile()
+        block.compile(backend=compile_backend())
     return len(model.blocks)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from model import DiffusionTransformer
 
-from ..compile import compile_blocks, use_compile
+from ..compile import compile_backend, compile_blocks, use_compile
 from ..init_weights import load_initial_weights
 from ..schedule import build_scheduler
 from .objective import DiffusionObjective
@@ -53,7 +53,7 @@ def build_engine(cfg, ds: dict, init_from: Optional[str] = None) -> Engine:
     if init_from:
         load_initial_weights(model, cfg, init_from)
     if use_compile(cfg.train.compile, "cuda" if torch.cuda.is_available() else "cpu"):
-        log.info("train.compile: %d transformer blocks compiled", compile_blocks(model))
+        log.info("train.compile: %d transformer blocks compiled (%s)", compile_blocks(model), compile_backend())
     marker: Optional[MoEMarker] = None
     if has_moe:
         tag_expert_params(model, ep_size)

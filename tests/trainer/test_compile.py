@@ -16,10 +16,10 @@ def test_compiled_training_matches_eager_with_checkpointing_zero_and_resume(smal
     on = {**common, "train.compile": "true", "model.activation_checkpointing": "true"}
     env = {"ECDLM_COMPILE_BACKEND": "aot_eager"}
     first = launch(2, tiny_overrides(small_corpus, compiled, **{**on, "train.max_steps": 5}),
-                   ds_config="ds_configs/zero1.json", env=env)
+                   ds_config="ds_configs/zero1.json", env=env, timeout=2400)
     assert "transformer blocks compiled (aot_eager)" in first.stdout + first.stderr
     assert (compiled / "checkpoints" / "step_00000005" / "COMPLETE").exists()
-    launch(2, tiny_overrides(small_corpus, compiled, **on), ds_config="ds_configs/zero2.json", env=env)
+    launch(2, tiny_overrides(small_corpus, compiled, **on), ds_config="ds_configs/zero2.json", env=env, timeout=2400)
     a, b = per_step(eager, "train/loss"), per_step(compiled, "train/loss")
     assert sorted(a) == sorted(b) == list(range(1, 11)), (sorted(a), sorted(b))
     for step in a:

@@ -208,7 +208,7 @@ def run_batch(args, batch: int, device, dtype) -> list[dict]:
             chunks = deepspeed_chunks(args, batch, device) if kind == "deepspeed" else 1
             slots = T * k if kind == "dense" else slots_computed(model, kind, x[: batch // chunks]) * chunks
             if compiled:
-                model.compile()   # in place; the warm-up rounds compile it
+                model.compile(backend=args.compile_backend)   # in place; the warm-up rounds compile it
             steps[name] = make_step(model, kind, x, g, chunks)
             info[name] = layer_info(kind, slots, chunks, T, D, H, E)
     if "ec" in steps and "dense" in steps:
@@ -275,6 +275,7 @@ def main(argv=None) -> None:
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--compile", choices=("eager", "compiled", "both"), default="eager",
                    help="our layers and the dense floor eager, through torch.compile, or both side by side")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
@@ -289,7 +290,7 @@ def main(argv=None) -> None:
     waited = wait_for_idle(args.wait_idle) if args.wait_idle > 0 and device.type == "cpu" else 0.0
     meta = {**machine_info(device, dtype), "waited_for_idle_s": round(waited, 1),
             **{k: getattr(args, k) for k in ("seq", "d_model", "experts", "k", "hidden", "warmup", "repeat",
-                                             "compile")}}
+                                             "compile", "compile_backend")}}
     meta["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
     print(machine_line(meta), f"| load average {meta['loadavg_start'][0]:.1f}")
     print(f"MoE layer fwd+bwd: L={args.seq} D={args.d_model} E={args.experts} k={args.k} h_e={args.hidden} "

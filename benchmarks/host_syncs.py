@@ -141,7 +141,7 @@ class HostSyncCounter:
 
 
 # ---- benchmarks/RESULTS.md's table: one training step per router, and the sampler's step ------------------
-def tiny_config(router: str, schedule: str = "static", capacity_factor=None, **moe):
+def tiny_config(router: str, schedule: str = "static", capacity_factor=None, sync_free: bool = False, **moe):
     """A 2-layer model small enough to count on the CPU in a second; syncs do not depend on size."""
     from model import ModelConfig, from_dict
     moe_cfg = {"router": router, "num_experts": 16, "expert_hidden": 32, "k": 4, "num_shared_experts": 1,
@@ -149,11 +149,13 @@ def tiny_config(router: str, schedule: str = "static", capacity_factor=None, **m
     if schedule != "static":
         moe_cfg["capacity"] = {"schedule": schedule, "k_min": 2, "k_max": 6}
     return from_dict(ModelConfig, {"model": {"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4,
-                                             "max_seq_len": 64}, "moe": moe_cfg})
+                                             "max_seq_len": 64}, "moe": moe_cfg,
+                                   "diffusion": {"sync_free": sync_free}})
 
 
 CONFIGS = {
     "ec_static": lambda: tiny_config("expert_choice"),
+    "ec_static_sync_free": lambda: tiny_config("expert_choice", sync_free=True),
     "ec_linear_reverse": lambda: tiny_config("expert_choice", "linear_reverse"),
     "tc_cf1": lambda: tiny_config("token_choice", capacity_factor=1.0),
     "tc_dropless": lambda: tiny_config("token_choice"),
@@ -166,18 +168,28 @@ def loss_of(result) -> torch.Tensor:
     return result.loss if hasattr(result, "loss") else result[0]
 
 
-def training_step_syncs(cfg, batch: int = 2, seq: int = 64, seed: int = 0) -> HostSyncCounter:
-    """Counts one forward_loss + backward (single process, no optimizer: AdamW reads nothing back)."""
+def training_step_syncs(cfg, batch: int = 2, seq: int = 64, seed: int = 0, optimizer: bool = False) -> HostSyncCounter:
+    """Counts one forward_loss + backward, and with `optimizer` the optimizer step too: the
+    trainer's torch.optim.AdamW(fused=True) (trainer/engine/build.py) and zero_grad. Single
+    process; DeepSpeed's own bookkeeping around the step (overflow check, gradient norm for
+    clipping) is outside this count."""
     from model import DiffusionTransformer, forward_loss
     from model.diffusion import uniform_u
     torch.manual_seed(seed)
     model = DiffusionTransformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True) if optimizer else None
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(4, cfg.model.vocab_size, (batch, seq), generator=g)
     u, token_u = uniform_u(batch, g), torch.rand(batch, seq, generator=g)
-    loss_of(forward_loss(model, tokens, u, token_u)).backward()   # warm-up: lazy one-time work stays out
-    with HostSyncCounter() as sc:
+
+    def step():
         loss_of(forward_loss(model, tokens, u, token_u)).backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    step()   # warm-up: lazy one-time work (and the optimizer's state) stays out
+    with HostSyncCounter() as sc:
+        step()
     return sc
 
 
@@ -233,6 +245,9 @@ def count_all() -> list[dict]:
     for name, make in CONFIGS.items():
         cfg = make()
         rows.append(summarize(f"train/{name}", training_step_syncs(cfg), cfg.model.n_layers))
+    cfg = CONFIGS["ec_static_sync_free"]()   # the whole step: forward, loss, backward, AdamW step
+    rows.append(summarize("train+adamw/ec_static_sync_free", training_step_syncs(cfg, optimizer=True),
+                          cfg.model.n_layers))
     for name in ("ec_static", "ec_linear_reverse", "tc_dropless"):
         cfg = CONFIGS[name]()
         sc, forwards = sampler_step_syncs(cfg)

@@ -2,7 +2,9 @@
 
     python benchmarks/moe_layer.py [--batch 8 32] [--warmup 2] [--repeat 5] [--json out.json]
 
-Implementations, all timed in one process, interleaved round by round:
+Implementations, all timed in one process, interleaved round by round (`--compile both` adds
+each of ours and the dense floor through torch.compile, as `<impl>/compiled`, whose ratios are
+to the compiled dense layer):
     ec           our MoELayer, expert choice, static k (capacity C = L k / E per sequence)
     tc_cf1       our MoELayer, token choice top-k, capacity factor 1.0 (padded slots computed)
     tc_dropless  our MoELayer, token choice top-k, no capacity (grouped matmul over ragged rows)
@@ -26,6 +28,7 @@ by kind (matmul, gather/scatter, elementwise, memory, other): where the time ove
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -193,33 +196,53 @@ def run_batch(args, batch: int, device, dtype) -> list[dict]:
         "deepspeed": lambda: (deepspeed_layer(args), "deepspeed"),
         "dense": lambda: (SwiGLU(D, k * H), "dense"),
     }
-    steps, info = {}, {}
-    for name in args.impls:
-        torch.manual_seed(0)
-        model, kind = builders[name]()
-        model = model.to(device, dtype)
-        if name == "ec":
-            ec_model = model
-        chunks = deepspeed_chunks(args, batch, device) if kind == "deepspeed" else 1
-        steps[name] = make_step(model, kind, x, g, chunks)
-        slots = T * k if kind == "dense" else slots_computed(model, kind, x[: batch // chunks]) * chunks
-        router = 0 if kind == "dense" else 2 * T * D * E
-        info[name] = {"slots": slots, "chunks": chunks,
-                      "gflop": 3 * (6 * D * H * slots + router) / 1e9,   # backward = 2x forward
-                      # DeepSpeed's one-hot einsums: dispatch and combine forward, dispatch's input
-                      # grad and both combine grads backward, 2*S*E*C*D each per micro-batch
-                      "overhead_gflop": 5 * 2 * slots * T * D / chunks / 1e9 if kind == "deepspeed" else 0.0}
-
+    steps, info, labels = {}, {}, []
+    for impl in args.impls:
+        for compiled in compile_modes(args.compile, impl):
+            name = impl + ("/compiled" if compiled else "")
+            labels.append(name)
+            torch.manual_seed(0)
+            model, kind = builders[impl]()
+            model = model.to(device, dtype)
+            if name == "ec":
+                ec_model = model
+            chunks = deepspeed_chunks(args, batch, device) if kind == "deepspeed" else 1
+            slots = T * k if kind == "dense" else slots_computed(model, kind, x[: batch // chunks]) * chunks
+            if compiled:
+                model.compile(backend=args.compile_backend)   # in place; the warm-up rounds compile it
+            steps[name] = make_step(model, kind, x, g, chunks)
+            info[name] = layer_info(kind, slots, chunks, T, D, H, E)
     if "ec" in steps and "dense" in steps:
         steps["movement"], moved_bytes = movement_step(ec_model, x)
     times, loads, discarded = time_interleaved(steps, args.warmup, args.repeat, device)
     rows = []
-    for name in args.impls:
+    for name in labels:
         ms = median_ms(times[name])
         rows.append({"impl": name, "batch": batch, "ms": ms, "min_ms": min(times[name]) * 1e3,
                      "times_ms": [t * 1e3 for t in times[name]], **info[name],
                      "gflop_per_s": info[name]["gflop"] / ms * 1e3,
                      "foreign_cores_max": max(loads), "rounds_discarded": discarded})
+    return finish_rows(args, rows, steps, times, moved_bytes if "movement" in steps else 0, batch)
+
+
+def compile_modes(which: str, impl: str) -> list:
+    """[False] eager, [True] compiled, or both; DeepSpeed's layer runs eager only."""
+    if impl == "deepspeed":
+        return [False]
+    return {"eager": [False], "compiled": [True], "both": [False, True]}[which]
+
+
+def layer_info(kind: str, slots: int, chunks: int, T: int, D: int, H: int, E: int) -> dict:
+    router = 0 if kind == "dense" else 2 * T * D * E
+    return {"slots": slots, "chunks": chunks,
+                      "gflop": 3 * (6 * D * H * slots + router) / 1e9,   # backward = 2x forward
+                      # DeepSpeed's one-hot einsums: dispatch and combine forward, dispatch's input
+                      # grad and both combine grads backward, 2*S*E*C*D each per micro-batch
+            "overhead_gflop": 5 * 2 * slots * T * D / chunks / 1e9 if kind == "deepspeed" else 0.0}
+
+
+def finish_rows(args, rows: list, steps: dict, times: dict, moved_bytes: int, batch: int) -> list:
+    """Ratios (compiled rows to the compiled dense layer, eager to eager), the floor, profiles."""
     ref = {r["impl"]: r["ms"] for r in rows}
     floor = None
     if "movement" in steps:
@@ -229,11 +252,13 @@ def run_batch(args, batch: int, device, dtype) -> list[dict]:
                      "moved_bytes": moved_bytes, "movement_gb_per_s": moved_bytes / move_ms / 1e6,
                      "times_ms": [t * 1e3 for t in times["movement"]]})
     for r in rows:
-        r["ratio_to_dense"] = r["ms"] / ref["dense"] if "dense" in ref else None
+        dense = "dense/compiled" if r["impl"].endswith("/compiled") else "dense"
+        r["ratio_to_dense"] = r["ms"] / ref[dense] if dense in ref else None
         r["ratio_to_floor"] = r["ms"] / floor if floor else None
         r["ratio_to_deepspeed"] = r["ms"] / ref["deepspeed"] if "deepspeed" in ref else None
     if args.profile:
-        prof = profile_impls(steps, [n for n in ("ec", "dense") if n in steps], 0.25, args.profile_ops)
+        prof = profile_impls(steps, [n for n in ("ec", "dense", "ec/compiled", "dense/compiled") if n in steps],
+                             0.25, args.profile_ops)
         for r in rows:
             if r["impl"] in prof:
                 r["profile"] = prof[r["impl"]]
@@ -249,6 +274,9 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256, help="expert hidden width h_e")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--compile", choices=("eager", "compiled", "both"), default="eager",
+                   help="our layers and the dense floor eager, through torch.compile, or both side by side")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
@@ -262,8 +290,10 @@ def main(argv=None) -> None:
     device, dtype = pick_device()
     waited = wait_for_idle(args.wait_idle) if args.wait_idle > 0 and device.type == "cpu" else 0.0
     meta = {**machine_info(device, dtype), "waited_for_idle_s": round(waited, 1),
-            **{k: getattr(args, k) for k in ("seq", "d_model", "experts", "k", "hidden", "warmup", "repeat")}}
-    print(machine_line(meta))
+            **{k: getattr(args, k) for k in ("seq", "d_model", "experts", "k", "hidden", "warmup", "repeat",
+                                             "compile", "compile_backend")}}
+    meta["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
+    print(machine_line(meta), f"| load average {meta['loadavg_start'][0]:.1f}")
     print(f"MoE layer fwd+bwd: L={args.seq} D={args.d_model} E={args.experts} k={args.k} h_e={args.hidden} "
           f"on {device.type} {meta['dtype']}, {meta['threads']} threads; median of {args.repeat} after "
           f"{args.warmup} warm-up rounds")
@@ -289,6 +319,7 @@ def main(argv=None) -> None:
               f"cores in a kept round; {max(r.get('rounds_discarded', 0) for r in rows)} rounds discarded)")
     if any(r.get("chunks", 1) > 1 for r in rows):
         print("chunks > 1: DeepSpeed ran as that many micro-batches (its [S, E, C] one-hot tensors do not fit)")
+    meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     if args.json:
         write_json(args.json, meta, rows)
         print(f"wrote {args.json}")

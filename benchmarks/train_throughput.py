@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ds-config", dest="ds_config", default="ds_configs/zero2.json")
     p.add_argument("--data", default="data/default")
     p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS)
+    p.add_argument("--compile", choices=("eager", "compiled", "both"), default="eager",
+                   help="each implementation eager, with train.compile=true (as <impl>/compiled), or both")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=10, help="optimizer steps discarded (whole windows)")
     p.add_argument("--window", type=int, default=5, help="steps per logged window (train.log_every)")
@@ -88,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     impls = list(dict.fromkeys(args.impls))
+    impls = {"eager": impls, "compiled": [f"{i}/compiled" for i in impls],
+             "both": impls + [f"{i}/compiled" for i in impls]}[args.compile]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the clean-up (finally) on SIGTERM too
 
     import torch

@@ -47,6 +47,9 @@ class MoEConfig:
     # LLaDA-MoE's router: expert_bias is added to the probabilities and the sums are the gates
     # (not selection-only); the bias is used even when bias_update_rate is 0 (an imported model)
     expert_bias_in_gates: bool = False
+    # the router matmul's precision (moe/layer.py router_logits): fp32 (exact), tf32 (CUDA's
+    # TF32 tensor cores for that matmul; fp32 elsewhere) or bf16 (inputs rounded to bf16, fp32 out)
+    router_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -78,6 +81,9 @@ class DiffusionConfig:
     # the non-pad positions outside the prompt (train.mode=sft sets it; the sampler and the HF
     # model then use the same rule). Identical when there is no prompt.
     mask_ratio_over: Literal["sequence", "response"] = "sequence"
+    # the output head and the loss over every position, weighted by the mask, instead of over the
+    # masked rows found on the host: the same objective, no host sync (docs/speed.md)
+    sync_free: bool = False
 
 
 @dataclass
@@ -227,6 +233,8 @@ def check_moe_fields(e: MoEConfig) -> None:
              "moe.z_loss_coef, moe.aux_loss_coef and moe.bias_update_rate must be >= 0")
     _require(not e.expert_bias_in_gates or e.router == "token_choice",
              f"moe.expert_bias_in_gates=true needs moe.router=token_choice, not {e.router}")
+    _require(e.router_precision in ("fp32", "tf32", "bf16"),
+             f"moe.router_precision={e.router_precision!r} must be fp32, tf32 or bf16")
 
 
 def validate_diffusion(d: DiffusionConfig) -> None:
@@ -235,6 +243,7 @@ def validate_diffusion(d: DiffusionConfig) -> None:
              f"diffusion.loss_weighting={d.loss_weighting!r} must be elbo, uniform or stable")
     _require(d.mask_ratio_over in ("sequence", "response"),
              f"diffusion.mask_ratio_over={d.mask_ratio_over!r} must be sequence or response")
+    _require(isinstance(d.sync_free, bool), f"diffusion.sync_free={d.sync_free!r} must be true or false")
 
 
 # ---- building dataclasses from dicts, with type checks that name the key ---------------------

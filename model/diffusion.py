@@ -106,8 +106,12 @@ def diffusion_loss(logits_NV: torch.Tensor, tokens_BL: torch.Tensor, masked: Mas
     factor, so low-ratio sequences cannot blow up the gradient.
     `weighting="stable"` is EC-DLM's --difflm-stable-training: sum CE over masked tokens divided by
     all maskable tokens (uniform times the batch's masked fraction; no 1/r factor either).
+    `logits_NV` may instead be [B, L, V], every position's (diffusion.sync_free): the same sums,
+    taken over every position with the unmasked ones weighted 0, and no masked rows to find.
     """
     mask = masked.mask_BL
+    if logits_NV.dim() == 3:
+        return _dense_diffusion_loss(logits_NV, tokens_BL, masked, weighting)
     # the masked positions as flat indices, found once: each boolean index would sync on its own
     pos_N = mask.reshape(-1).nonzero().squeeze(1)
     nll_N = F.cross_entropy(logits_NV.float(), tokens_BL.reshape(-1)[pos_N], reduction="none")
@@ -125,6 +129,26 @@ def diffusion_loss(logits_NV: torch.Tensor, tokens_BL: torch.Tensor, masked: Mas
     nll_BL = torch.zeros(mask.numel(), dtype=nll_N.dtype, device=nll_N.device)
     nll_BL = nll_BL.index_put_((pos_N,), nll_N.detach()).view(mask.shape)
     return DiffusionLoss(loss, elbo.detach(), masked.ratio_B, nll_BL, mask, n_tokens)
+
+
+def _dense_diffusion_loss(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor, masked: Masked,
+                          weighting: str) -> DiffusionLoss:
+    """diffusion_loss from every position's logits: CE everywhere, kept where masked. Exactly the
+    masked-rows objective (the same sums), with shapes fixed by B and L: no host sync."""
+    mask = masked.mask_BL
+    ce_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), tokens_BL.reshape(-1), reduction="none").view(mask.shape)
+    nll_BL = torch.where(mask, ce_BL, torch.zeros_like(ce_BL))
+    n_tokens = masked.maskable_BL.sum()
+    elbo = (nll_BL / masked.ratio_B.clamp_min(1e-6)[:, None]).sum() / n_tokens.clamp_min(1)
+    if weighting == "elbo":
+        loss = elbo
+    elif weighting == "uniform":
+        loss = nll_BL.sum() / mask.sum().clamp_min(1)
+    elif weighting == "stable":
+        loss = nll_BL.sum() / n_tokens.clamp_min(1)
+    else:
+        raise ValueError(f"loss_weighting={weighting!r} must be 'elbo', 'uniform' or 'stable'")
+    return DiffusionLoss(loss, elbo.detach(), masked.ratio_B, nll_BL.detach(), mask, n_tokens)
 
 
 def loss_by_ratio_bin(rec: DiffusionLoss, num_bins: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +181,9 @@ def forward_loss(model, tokens_BL: torch.Tensor, u_B: torch.Tensor, token_u_BL: 
                          "the ELBO weight and the capacity schedule count the response only")
     t_B = time_from_u(u_B, cfg.diffusion.eps).to(tokens_BL.device)
     masked = mask_tokens(tokens_BL, t_B, token_u_BL.to(tokens_BL.device), cfg.model.mask_id, valid_BL, prompt_BL)
-    out = model(masked.noisy_BL, masked.ratio_B, valid_BL, logits_mask_BL=masked.mask_BL)
+    # sync_free: the head over every position (no masked rows to find), at the cost of its
+    # FLOPs on the unmasked ones
+    head_rows = None if cfg.diffusion.sync_free else masked.mask_BL
+    out = model(masked.noisy_BL, masked.ratio_B, valid_BL, logits_mask_BL=head_rows)
     rec = diffusion_loss(out.logits, tokens_BL, masked, cfg.diffusion.loss_weighting)
     return TrainingForward(rec.loss + out.aux_loss, rec, out)

@@ -89,12 +89,12 @@ class Block(nn.Module):
         self.ffn = (MoELayer(d, cfg.moe, ep_group, layer_idx, init_seed=None, capacity=cfg.capacity) if self.is_moe
                     else SwiGLU(d, dense_hidden(cfg.moe)))
 
-    def forward(self, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, kv=None) -> BlockOutput:
+    def forward(self, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, ec_sizes=None, kv=None) -> BlockOutput:
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, attn_mask, kv)
         h_BLD = self.ffn_norm(x_BLD)
         if not self.is_moe:
             return BlockOutput(x_BLD + self.ffn(h_BLD), x_BLD.new_zeros(()))
-        out = self.ffn(h_BLD, mask_ratio_B, valid_BL)
+        out = self.ffn(h_BLD, mask_ratio_B, valid_BL, ec_sizes)
         return BlockOutput(x_BLD + out.hidden, out.loss, out.stats)
 
 
@@ -158,11 +158,14 @@ class DiffusionTransformer(nn.Module):
             logits_mask_BL = logits_mask_BL[:, a:b] if logits_mask_BL is not None else None
         x_BLD = self.embed(tokens_BL)
         aux, stats = x_BLD.new_zeros((), dtype=torch.float32), []
+        moe = self.moe_layers()   # a dynamic EC schedule's sizes, read once for every layer
+        # (over the computed columns: under a cache span they compete among themselves)
+        sizes = moe[0].ec_sizes(mask_ratio_B, valid_BL, B, tokens_BL.shape[1]) if moe else None
         for block, kv in zip(self.blocks, kvs):
             if self.cfg.model.activation_checkpointing and self.training:
-                out = checkpoint(block, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, use_reentrant=False)
+                out = checkpoint(block, x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, sizes, use_reentrant=False)
             else:
-                out = block(x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, kv)
+                out = block(x_BLD, rope, attn_mask, mask_ratio_B, valid_BL, sizes, kv)
             x_BLD, aux = out.hidden, aux + out.loss
             if out.stats is not None:
                 stats.append(out.stats)

@@ -46,6 +46,9 @@ class TrainConfig:
     # pretrain: diffusion over whole sequences; sft: prompts never masked, loss and mask ratio over
     # the response (docs/huggingface.md "Retrofit and supervised fine-tuning"); auto: what the prepared data is
     mode: Literal["auto", "pretrain", "sft"] = "auto"
+    # every transformer block through torch.compile (trainer/compile.py): auto = on with a GPU,
+    # off on CPU, where compiling costs more than it gains (docs/speed.md)
+    compile: Literal["auto", True, False] = "auto"
 
 
 @dataclass

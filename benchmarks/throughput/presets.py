@@ -36,7 +36,15 @@ PRESETS = {
 
 
 def impl_overrides(impl: str, cfg) -> list:
-    """The dotted overrides that turn the preset into implementation `impl`."""
+    """The dotted overrides that turn the preset into implementation `impl`; `<impl>/compiled` is
+    the same with train.compile on (and room for the first step's compile), plain names eager."""
+    if impl.endswith("/compiled"):
+        return impl_overrides(impl.removesuffix("/compiled"), cfg)[:-1] + ["train.compile=true",
+                                                                            "train.setup_timeout_s=3600"]
+    return _ffn_overrides(impl, cfg) + ["train.compile=false"]
+
+
+def _ffn_overrides(impl: str, cfg) -> list:
     e = cfg.moe
     if impl == "ec":
         return ["moe.router=expert_choice", "moe.capacity.schedule=static"]

@@ -122,7 +122,7 @@ def run_all(args, impls) -> list[dict]:
             break
         order = todo[r % len(todo):] + todo[:r % len(todo)]   # rotate: drift hits all alike
         for impl in order:
-            run_dir = os.path.join(args.base, f"{impl}_r{r}")
+            run_dir = os.path.join(args.base, f"{impl.replace('/', '_')}_r{r}")
             shutil.rmtree(run_dir, ignore_errors=True)
             waited = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else 0.0
             wall, foreign, per_window = launch(args, impl, run_dir)

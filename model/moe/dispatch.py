@@ -149,7 +149,18 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():   # the traceable form: no graph break (docs/speed.md)
+        return traced_all_to_all(x, out_splits, in_splits, group)
     return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def traced_all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
+    """all_to_all_single through torch's functional collectives, which dynamo traces into the
+    graph (forward and backward: its backward is the reverse exchange). Used under torch.compile
+    only: eager keeps the hand-written Functions, whose async start/wait lets the shared experts
+    run while rows travel; in a compiled graph the scheduler decides the order."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
 
 
 class _InFlight:
@@ -204,8 +215,8 @@ def all_to_all_overlapped(x: torch.Tensor, out_splits: list, in_splits: list, gr
                           meanwhile: Optional[Callable]) -> tuple[torch.Tensor, Any]:
     """all_to_all(x), running meanwhile() while the rows travel, in the forward and (through
     autograd's ordering) its backward while the gradients travel back. Returns (rows, result)."""
-    if meanwhile is None:
-        return all_to_all(x, out_splits, in_splits, group), None
+    if meanwhile is None or torch.compiler.is_compiling():
+        return all_to_all(x, out_splits, in_splits, group), (meanwhile() if meanwhile else None)
     flight = _InFlight()
     out = _AllToAllStart.apply(x, out_splits, in_splits, group, flight)
     result = meanwhile()
@@ -317,8 +328,11 @@ class AllToAllDispatcher:
         x_other, side = all_to_all_overlapped(x_TD.expand(ep - 1, T, D).reshape(-1, D), tokens, tokens,
                                               self.group, meanwhile)          # [(ep-1) T, D], by source
         out_splits, in_splits = [El * c for c in caps], [El * C] * ep
-        idx = torch.empty(sum(out_splits), dtype=routing.token_idx.dtype, device=x_TD.device)
-        dist.all_to_all_single(idx, routing.token_idx.reshape(-1), out_splits, in_splits, group=self.group)
+        if torch.compiler.is_compiling():
+            idx = traced_all_to_all(routing.token_idx.reshape(-1), out_splits, in_splits, self.group)
+        else:
+            idx = torch.empty(sum(out_splits), dtype=routing.token_idx.dtype, device=x_TD.device)
+            dist.all_to_all_single(idx, routing.token_idx.reshape(-1), out_splits, in_splits, group=self.group)
         gate = all_to_all(routing.gate.reshape(-1), out_splits, in_splits, self.group)
         idx_p, gate_p = torch.split(idx, out_splits), torch.split(gate, out_splits)
         # the other sources' slots point at their tokens: rows j*T.. of x_other for the j-th of them

@@ -15,8 +15,20 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
+def compiling() -> bool:
+    """Whether torch.compile is tracing this call. Traced code takes plain differentiable ops:
+    the hand-written autograd Functions below (out= into non-contiguous views, per-group loops)
+    save eager memory and passes, but dynamo cannot trace their backwards (a graph break each),
+    and inductor fuses the plain ops itself. Same math either way (docs/speed.md)."""
+    return torch.compiler.is_compiling()
+
+
 def swiglu(h_xF: torch.Tensor, gate_x: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu(h1) * h2 for h = [h1 | h2], times a per-row routing gate if one is given."""
+    if compiling():
+        h1, h2 = h_xF.chunk(2, dim=-1)
+        out = F.silu(h1) * h2
+        return out if gate_x is None else out * gate_x.to(out.dtype).unsqueeze(-1)
     return _SwiGLU.apply(h_xF, gate_x)
 
 
@@ -194,7 +206,13 @@ class Experts(nn.Module):
     def forward_local(self, x_TD: torch.Tensor, token_idx_EC: torch.Tensor,
                       gate_EC: torch.Tensor) -> torch.Tensor:
         """Gather, forward_fixed with the gates, and scatter-add back to [T, D], as one autograd
-        node (see _LocalFixedExperts): for when every expert is on this process."""
+        node (see _LocalFixedExperts): for when every expert is on this process. Under
+        torch.compile, the same steps as plain ops (see compiling())."""
+        if compiling():
+            D = x_TD.shape[-1]
+            rows_ECD = x_TD.index_select(0, token_idx_EC.reshape(-1)).view(*token_idx_EC.shape, D)
+            y_ECD = self.forward_fixed(rows_ECD, gate_EC)
+            return x_TD.new_zeros(x_TD.shape).index_add(0, token_idx_EC.reshape(-1), y_ECD.reshape(-1, D))
         return _LocalFixedExperts.apply(x_TD, token_idx_EC, gate_EC, self.w_in_EDF.to(x_TD.dtype),
                                         self.w_out_EHD.to(x_TD.dtype))
 
@@ -242,6 +260,8 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     It needs Hopper-class GPUs for bf16 on CUDA and has a CPU implementation in recent torch;
     anything else takes the per-expert loop, which computes the same function.
     """
+    if compiling():   # the probe cannot run while tracing; the compiler accepts bf16 on CUDA only
+        return x.device.type == "cuda" and x.dtype == torch.bfloat16
     key = (x.device.type, x.device.index, x.dtype)
     if key not in _GROUPED_OK:
         try:

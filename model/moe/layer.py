@@ -16,13 +16,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import MoEConfig, resolve_moe, shared_hidden, uses_expert_bias, validate_moe
 from .capacity import TimestepCapacity
 from .dispatch import AllToAllDispatcher, LocalDispatcher
 from .experts import Experts, SwiGLU
-from .routing import Routing, at_least_fp32, expert_choice, switch_aux_loss, token_choice, token_scores, \
-    update_expert_bias, z_loss
+from .routing import Routing, at_least_fp32, ec_sizes, expert_choice, switch_aux_loss, token_choice, \
+    token_scores, update_expert_bias, z_loss
 
 
 @dataclass
@@ -41,6 +42,30 @@ class MoEOutput:
     hidden: torch.Tensor
     loss: torch.Tensor
     stats: MoEStats
+
+
+def router_logits(x_BLD: torch.Tensor, w_ED: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Router logits, fp32 (or float64) out, from a matmul in `precision` (moe.router_precision).
+
+    fp32, the default: even under bf16 training, since top-c selection is sensitive to rounding.
+    bf16: both operands rounded to bf16, accumulated in fp32, then fp32 (a GPU's tensor cores
+    instead of its CUDA cores: the fp32 router is ~a quarter of a dense layer's time at owt's
+    shape). tf32: an fp32 matmul with TF32 allowed for it on CUDA; CPUs have no TF32, so fp32
+    there, and under torch.compile the global setting rules (flipping it would break the graph).
+    """
+    if precision == "bf16":
+        return F.linear(x_BLD.to(torch.bfloat16), w_ED.to(torch.bfloat16)).float()
+    x32, w32 = at_least_fp32(x_BLD), at_least_fp32(w_ED)
+    if precision == "tf32" and x32.is_cuda and not torch.compiler.is_compiling():
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return F.linear(x32, w32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+    if precision not in ("fp32", "tf32"):
+        raise ValueError(f"router precision {precision!r} must be fp32, tf32 or bf16")
+    return F.linear(x32, w32)
 
 
 class MoELayer(nn.Module):
@@ -75,12 +100,12 @@ class MoELayer(nn.Module):
             self.experts.init_weights(init_seed, layer_idx, std_in=0.02, std_out=0.02)
 
     def forward(self, x_BLD: torch.Tensor, mask_ratio_B: Optional[torch.Tensor] = None,
-                valid_BL: Optional[torch.Tensor] = None) -> MoEOutput:
+                valid_BL: Optional[torch.Tensor] = None, sizes: Optional[tuple] = None) -> MoEOutput:
+        """sizes: expert choice's host-int sizes, ec_sizes() of this input, if already read."""
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
-        # the router runs in fp32 even under bf16: top-c selection is sensitive to rounding
-        logits_BLE = torch.nn.functional.linear(at_least_fp32(x_BLD), at_least_fp32(self.router.weight))
-        routing, aux = self.route(logits_BLE, mask_ratio_B, valid_BL)
+        logits_BLE = router_logits(x_BLD, self.router.weight, self.cfg.router_precision)
+        routing, aux = self.route(logits_BLE, mask_ratio_B, valid_BL, sizes)
         out_TD = self.routed_experts(x_TD, routing)
         valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
         zl = z_loss(logits_BLE.reshape(B * L, -1), valid_T)
@@ -112,13 +137,13 @@ class MoELayer(nn.Module):
         return out_TD + shared_TD if shared else out_TD
 
     def route(self, logits_BLE: torch.Tensor, mask_ratio_B: Optional[torch.Tensor],
-              valid_BL: Optional[torch.Tensor]) -> tuple[Routing, torch.Tensor]:
+              valid_BL: Optional[torch.Tensor], sizes: Optional[tuple] = None) -> tuple[Routing, torch.Tensor]:
         B, L, E = logits_BLE.shape
         zero = logits_BLE.new_zeros(())
         if self.cfg.router == "expert_choice":
             k = self.expert_choice_k(mask_ratio_B, B)
             return expert_choice(logits_BLE, k, valid_BL, self.cfg.ec_scope, self.cfg.gate_scaling,
-                                 self.cfg.num_shared_experts, self.cfg.ec_batch_capacity), zero
+                                 self.cfg.num_shared_experts, self.cfg.ec_batch_capacity, sizes), zero
         logits_TE = logits_BLE.reshape(B * L, E)
         valid_T = valid_BL.reshape(-1) if valid_BL is not None else None
         use_bias = uses_expert_bias(self.cfg) or self.cfg.expert_bias_in_gates
@@ -129,6 +154,21 @@ class MoELayer(nn.Module):
         aux = (switch_aux_loss(token_scores(logits_TE, self.cfg.score_fn), routing, valid_T)
                if self.cfg.aux_loss_coef > 0 else zero)
         return routing, aux
+
+    def ec_sizes(self, mask_ratio_B: Optional[torch.Tensor], valid_BL: Optional[torch.Tensor],
+                 B: int, L: int) -> Optional[tuple]:
+        """Expert choice's selection sizes for this input as host ints (one host sync), or None
+        where the shapes alone decide them (static capacity without pads, token choice). They
+        depend only on the schedule, the mask ratios and the pads, which every MoE layer of a
+        model shares: the model reads them once per forward and hands them to each layer, so a
+        compiled block never stops for them (docs/speed.md)."""
+        if self.cfg.router != "expert_choice" or (self.static_k is not None and valid_BL is None):
+            return None
+        k = self.expert_choice_k(mask_ratio_B, B)
+        dev = self.router.weight.device
+        L_B = valid_BL.sum(1).long() if valid_BL is not None else torch.full((B,), L, device=dev)
+        k_B = torch.full((B,), k, dtype=torch.long, device=dev) if isinstance(k, int) else k.to(dev).long().expand(B)
+        return ec_sizes(L_B, k_B, self.cfg.num_experts, self.cfg.ec_scope, self.cfg.ec_batch_capacity)
 
     def expert_choice_k(self, mask_ratio_B: Optional[torch.Tensor], batch: int):
         """An int for static capacity (shapes alone decide C), else a LongTensor k_B."""

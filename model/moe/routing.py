@@ -85,7 +85,7 @@ def ec_capacity(num_valid: torch.Tensor, k: torch.Tensor, num_experts: int) -> t
 def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
                   valid_BL: Optional[torch.Tensor] = None, scope: str = "sequence",
                   gate_scaling: Union[bool, str] = False, num_shared: int = 0,
-                  batch_capacity: str = "sum") -> Routing:
+                  batch_capacity: str = "sum", sizes: Optional[tuple] = None) -> Routing:
     """Each expert picks its top-c tokens; gates are a softmax over the experts that picked a token.
 
     scope="sequence": per sequence b, c_b = max(floor(L_b k_b / E), 1) among its non-pad tokens.
@@ -94,6 +94,8 @@ def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
                       (= floor(B L max_b k_b / E) without pads: more FLOPs than the schedule's E[k]).
     gate_scaling: off/False, rms/True or reference (see gate_scale_table); num_shared is S there.
     An int k with no pad mask is the static case: C follows from shapes, with no host sync.
+    Otherwise the selection's sizes are host ints, `sizes` = ec_sizes(...) if the caller read them
+    already (a model reads them once for all its layers), else read here in one host sync.
     """
     B, L, E = logits_BLE.shape
     dev = logits_BLE.device
@@ -106,17 +108,12 @@ def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
     k_B = (torch.full((B,), k_B, dtype=torch.long, device=dev) if isinstance(k_B, int)
            else k_B.to(dev).long().expand(B))
 
+    if not static and sizes is None:
+        sizes = ec_sizes(L_B, k_B, E, scope, batch_capacity)
     if scope == "sequence":
-        idx_EC = _per_sequence_topc(scores_BLE, L_B, k_B, k_static)
+        idx_EC = _per_sequence_topc(scores_BLE, L_B, k_B, k_static, sizes)
     elif scope == "batch":
-        if static:
-            c = max(B * L * k_static // E, 1)
-        elif batch_capacity == "reference_max":
-            c = int(ec_capacity(L_B.sum() * k_B.max(), 1, E))
-        elif batch_capacity == "sum":
-            c = int(ec_capacity((L_B * k_B).sum(), 1, E))
-        else:
-            raise ValueError(f"batch_capacity={batch_capacity!r} must be 'sum' or 'reference_max'")
+        c = max(B * L * k_static // E, 1) if static else sizes[1]
         idx_EC = scores_BLE.reshape(B * L, E).t().topk(c, dim=-1, sorted=False).indices   # [E, C]
     else:
         raise ValueError(f"ec_scope={scope!r} must be 'sequence' or 'batch'")
@@ -131,8 +128,28 @@ def expert_choice(logits_BLE: torch.Tensor, k_B: Union[int, torch.Tensor],
                    drop_frac=unrouted_T.sum() / n_valid.clamp_min(1), num_valid_tokens=n_valid)
 
 
+def ec_sizes(L_B: torch.Tensor, k_B: torch.Tensor, num_experts: int, scope: str = "sequence",
+             batch_capacity: str = "sum") -> tuple:
+    """(c_max, C) as host ints, read in one host sync: the largest per-sequence capacity and the
+    slots per expert (scope sequence: sum_b c_b; batch: c_max = C = the one capacity). A selection
+    whose capacities depend on data needs them as shapes."""
+    if scope == "sequence":
+        c_B = ec_capacity(L_B, k_B, num_experts)
+        c_max, C = torch.stack([c_B.max(), c_B.sum()]).tolist()
+        return c_max, C
+    if scope != "batch":
+        raise ValueError(f"ec_scope={scope!r} must be 'sequence' or 'batch'")
+    if batch_capacity == "reference_max":
+        c = int(ec_capacity(L_B.sum() * k_B.max(), 1, num_experts))
+    elif batch_capacity == "sum":
+        c = int(ec_capacity((L_B * k_B).sum(), 1, num_experts))
+    else:
+        raise ValueError(f"batch_capacity={batch_capacity!r} must be 'sum' or 'reference_max'")
+    return c, c
+
+
 def _per_sequence_topc(scores_BLE: torch.Tensor, L_B: torch.Tensor, k_B: torch.Tensor,
-                       k_static: Optional[int]) -> torch.Tensor:
+                       k_static: Optional[int], sizes: Optional[tuple] = None) -> torch.Tensor:
     """[E, C] flat token indices, C = sum_b c_b: expert e's picks from every sequence, in order."""
     B, L, E = scores_BLE.shape
     offset_B11 = (torch.arange(B, device=scores_BLE.device) * L)[:, None, None]
@@ -141,8 +158,8 @@ def _per_sequence_topc(scores_BLE: torch.Tensor, L_B: torch.Tensor, k_B: torch.T
         tok_BEc = scores_BLE.transpose(1, 2).topk(c, dim=-1, sorted=False).indices + offset_B11
         return tok_BEc.permute(1, 0, 2).reshape(E, B * c)                       # [E, B*c]
     c_B = ec_capacity(L_B, k_B, E)
-    # shapes depend on the capacities: their max and sum, read in the layer's one host sync
-    c_max, C = torch.stack([c_B.max(), c_B.sum()]).tolist()
+    # shapes depend on the capacities: their max and sum, host ints from ec_sizes
+    c_max, C = sizes if sizes is not None else ec_sizes(L_B, k_B, E)
     # sorted, so the first c_b of the c_max candidates are sequence b's top c_b
     tok_BEc = scores_BLE.transpose(1, 2).topk(c_max, dim=-1, sorted=True).indices + offset_B11
     keep_Bc = torch.arange(c_max, device=c_B.device)[None, :] < c_B[:, None]

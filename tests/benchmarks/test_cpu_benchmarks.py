@@ -44,3 +44,29 @@ def test_training_profile_runs_the_trainers_engine(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("ec "))
     assert len(row.split()) >= 9, row   # forward, backward, engine.step, rest, total, spread, params, load
     assert "hottest operators of 3 whole steps" in stdout
+
+
+def test_moe_layer_benchmark_times_eager_and_compiled_side_by_side(tmp_path):
+    """--compile both: every layer of ours and the dense floor twice, the compiled rows' ratios to
+    the compiled dense layer. aot_eager here (the wiring, not inductor's minutes of codegen)."""
+    out = tmp_path / "layer.json"
+    run(["benchmarks/moe_layer.py", "--batch", "2", "--seq", "32", "--d-model", "32", "--experts", "8", "--k", "2",
+         "--hidden", "16", "--impls", "ec", "dense", "--compile", "both", "--compile-backend", "aot_eager",
+         "--warmup", "1", "--repeat", "1", "--json", str(out)], timeout=600)
+    doc = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert {"ec", "dense", "ec/compiled", "dense/compiled"} <= set(rows)
+    assert rows["ec/compiled"]["ratio_to_dense"] == rows["ec/compiled"]["ms"] / rows["dense/compiled"]["ms"]
+    assert rows["ec"]["ratio_to_dense"] == rows["ec"]["ms"] / rows["dense"]["ms"]
+    assert doc["meta"]["compile"] == "both" and len(doc["meta"]["loadavg_start"]) == 3
+
+
+def test_train_throughput_compiled_implementations_turn_train_compile_on():
+    from benchmarks.throughput.presets import impl_overrides
+    from rundir.config import load_config
+    cfg = load_config("configs/tiny.yaml")
+    for impl in ("ec", "tc_dropless", "dense"):
+        eager, compiled = impl_overrides(impl, cfg), impl_overrides(f"{impl}/compiled", cfg)
+        assert eager[-1] == "train.compile=false" and compiled[:len(eager) - 1] == eager[:-1]
+        assert load_config("configs/tiny.yaml", tuple(eager)).train.compile is False
+        assert load_config("configs/tiny.yaml", tuple(compiled)).train.compile is True

@@ -38,12 +38,14 @@ def test_ec_static_training_step_has_no_sync_in_its_moe_layers():
     assert sc.count("model/transformer.py", {"shape"}) == 1 and sc.count("model/diffusion.py", {"shape"}) == 1
 
 
-def test_ec_dynamic_reads_one_value_per_layer():
-    """linear_reverse capacity: each layer reads its capacities (max and sum, one transfer)."""
+def test_ec_dynamic_reads_its_sizes_once_per_step():
+    """linear_reverse capacity: the model reads the capacities (max and sum, one transfer) once
+    for all its MoE layers, which share the schedule, before the first block."""
     cfg = CONFIGS["ec_linear_reverse"]()
+    assert cfg.model.n_layers > 1
     sc = training_step_syncs(cfg)
-    assert sc.count("model/moe/") == cfg.model.n_layers, sc.by_site()
-    assert sc.total == cfg.model.n_layers + 2, sc.by_site()
+    assert sc.count("model/moe/") == 1 and sc.count("model/moe/routing.py", {"host"}) == 1, sc.by_site()
+    assert sc.total == 3, sc.by_site()
 
 
 def test_token_choice_with_capacity_and_dropless_routing_have_no_sync():
@@ -80,3 +82,13 @@ def test_expert_parallel_path_reads_each_split_size_once():
     finally:   # leave no process group behind for the tests after this one
         if started_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_sync_free_ec_static_step_with_optimizer_has_no_host_sync():
+    """diffusion.sync_free: the whole EC static training step (forward, loss, backward, the
+    trainer's fused AdamW step) leaves the device queue alone. Without the option, the masked
+    positions are found twice (head and loss); the optimizer step adds none."""
+    sc = training_step_syncs(CONFIGS["ec_static_sync_free"](), optimizer=True)
+    assert sc.total == 0, sc.by_site()
+    sc = training_step_syncs(CONFIGS["ec_static"](), optimizer=True)
+    assert sc.total == 2 and sc.count("model/moe/") == 0, sc.by_site()

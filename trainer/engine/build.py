@@ -2,6 +2,7 @@
 (with DeepSpeed's MoE param groups), the LR schedule and `deepspeed.initialize`."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,12 +12,15 @@ import torch.distributed as dist
 
 from model import DiffusionTransformer
 
+from ..compile import compile_backend, compile_blocks, use_compile
 from ..hooks import RunHooks
 from ..init_weights import load_initial_weights
 from ..schedule import build_scheduler
 from .objective import DiffusionObjective
 from .parallel import (MoEMarker, create_expert_groups, expert_data_parallel_group, optimizer_param_groups,
                        tag_expert_params)
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(param_groups: list, cfg, ds: dict):
@@ -49,6 +53,8 @@ def build_engine(cfg, ds: dict, init_from: Optional[str] = None, hooks: RunHooks
     model = DiffusionTransformer(cfg.model_config, ep_group if ep_size > 1 else None, seed=cfg.train.seed)
     if init_from:
         load_initial_weights(model, cfg, init_from, hooks)
+    if use_compile(cfg.train.compile, "cuda" if torch.cuda.is_available() else "cpu"):
+        log.info("train.compile: %d transformer blocks compiled (%s)", compile_blocks(model), compile_backend())
     marker: Optional[MoEMarker] = None
     if has_moe:
         tag_expert_params(model, ep_size)

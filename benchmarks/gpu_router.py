@@ -40,19 +40,23 @@ def tf32(enabled: bool):
 
 
 def logits_fn(layer, precision: str, from_config: bool):
-    """(x_BLD -> fp32 logits, how it was computed)."""
-    method = getattr(layer, "router_logits", None)
-    if from_config and callable(method):
-        return (lambda x: method(x).float()), "model: moe.router_precision + MoELayer.router_logits"
+    """(x_BLD -> fp32 logits, how it was computed): the model's own router matmul
+    (model.moe.layer.router_logits) at moe.router_precision where this checkout has them."""
+    try:
+        from model.moe.layer import router_logits
+    except ImportError:
+        router_logits = None
     w = layer.router.weight
+    if from_config and router_logits is not None:
+        return (lambda x: router_logits(x, w, precision).float()), "model: moe.router_precision"
     if precision == "bf16":
         return (lambda x: torch.nn.functional.linear(x.bfloat16(), w.bfloat16()).float()), \
-            "here: bf16 cast of x and w (no MoELayer.router_logits)"
+            "here: bf16 cast of x and w (no router_logits in the model)"
 
     def fp32(x):
         with tf32(precision == "tf32"):
             return torch.nn.functional.linear(x.float(), w.float())
-    return fp32, f"here: fp32 cast{', tf32 on' if precision == 'tf32' else ''} (no MoELayer.router_logits)"
+    return fp32, f"here: fp32 cast{', tf32 on' if precision == 'tf32' else ''} (no router_logits in the model)"
 
 
 def run(ctx, sink, precisions=PRECISIONS) -> None:

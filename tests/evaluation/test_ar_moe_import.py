@@ -247,3 +247,22 @@ def test_qwen3_30b_a3b_conversion_preset_counts_and_builds_on_meta():
     assert model.blocks[0].attn.wq.weight.shape == (32 * 128, 2048)
     assert model.blocks[0].attn.wkv.weight.shape == (2 * 4 * 128, 2048)
     assert model.blocks[0].attn.q_norm.weight.shape == (128,)
+
+
+def test_an_imported_olmoe_exports_and_its_remote_code_gives_olmoes_logits(tmp_path):
+    """transformers' OLMoE -> ecdlm (causal, q/k norm over the whole projection) -> ecdlm-format
+    export -> transformers' remote code, in a process without ecdlm: OLMoE's own logits."""
+    from safetensors.torch import save_file
+    from evaluation.hf.export import write_hf_dir
+    from tests.evaluation.test_hf import read_safetensors_file, run_without_repo
+    hf = save_random(OlmoeForCausalLM, olmoe(), tmp_path / "hf")
+    cfg, state = load_hf_dir(str(tmp_path / "hf"), mask_id=SPARE)
+    write_hf_dir(cfg, state.items(), str(tmp_path / "export"))
+    ids, valid = batch(4)
+    save_file({"ids": ids, "valid": valid}, str(tmp_path / "in.safetensors"))
+    run_without_repo(tmp_path, [{"dir": str(tmp_path / "export"), "inputs": str(tmp_path / "in.safetensors"),
+                                 "out": str(tmp_path / "out.safetensors")}])
+    got = read_safetensors_file(tmp_path / "out.safetensors")["logits"]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=valid.long()).logits
+    assert float((got - ref)[valid].abs().max()) < 1e-5

@@ -144,6 +144,14 @@ def test_added_mask_row_is_the_mean_and_leaves_the_other_logits(tmp_path):
     emb = hf.model.embed_tokens.weight.detach()
     assert torch.allclose(state["embed.weight"][VOCAB], emb.mean(0)) and torch.equal(state["embed.weight"][:VOCAB], emb)
     assert torch.allclose(state["head.weight"][VOCAB], hf.lm_head.weight.detach().mean(0))
+    write_tokenizer(tmp_path / "hf")   # the CLI: the added row is named in the run's tokenizer
+    proc = subprocess.run([sys.executable, "-m", "evaluation.hf", "import", str(tmp_path / "hf"), str(tmp_path / "run"),
+                           "--add-mask-token", "--mask-token", "<|mdm_mask|>"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    added = json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())["added_tokens"]
+    assert {"id": VOCAB, "content": "<|mdm_mask|>"}.items() <= next(a for a in added if a["id"] == VOCAB).items()
+    assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer_config.json").read_text())["mask_token"] == "<|mdm_mask|>"
 
 
 def _write_config(path, **changes):

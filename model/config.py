@@ -63,7 +63,12 @@ class ModelArchConfig:
     n_kv_heads: Optional[int] = None    # grouped-query attention; defaults to n_heads
     max_seq_len: int = 512
     rope_theta: float = 10000.0
-    qk_norm: bool = True
+    # RMSNorm on q and k before RoPE: true/head per head (over head_dim, Qwen3, LLaDA-MoE), full over
+    # the whole projection (OLMoE: q over n_heads*head_dim, k over n_kv_heads*head_dim), false none
+    qk_norm: Union[Literal["head", "full"], bool] = True
+    head_dim: Optional[int] = None      # defaults to d_model / n_heads (Qwen3 sets it apart)
+    # causal reproduces an imported autoregressive model; a diffusion LM is bidirectional
+    attention: Literal["bidirectional", "causal"] = "bidirectional"
     norm_eps: float = 1e-6
     logit_softcap: Optional[float] = None
     init_std: float = 0.02
@@ -116,8 +121,8 @@ class ModelConfig:
         LLaDA-MoE-7B-A1B's "1.4B active")."""
         m, e = self.model, self.moe
         d, h_kv = m.d_model, (m.n_kv_heads or m.n_heads)
-        head_dim = d // m.n_heads
-        attn = d * d * 2 + d * h_kv * head_dim * 2 + (2 * head_dim if m.qk_norm else 0)
+        hd = head_dim(m)
+        attn = 2 * d * m.n_heads * hd + 2 * d * h_kv * hd + sum(qk_norm_dims(m))
         norms = 2 * d
         per_layer_dense = 3 * d * dense_hidden(e)
         moe_layers = num_moe_layers(m.n_layers, e)
@@ -131,6 +136,23 @@ class ModelConfig:
                 "active": base + moe_layers * routed_active,
                 "active_compute": base + moe_layers * routed_active - m.vocab_size * d,
                 "embedding": 2 * m.vocab_size * d}
+
+
+def head_dim(m: ModelArchConfig) -> int:
+    return m.head_dim or m.d_model // m.n_heads
+
+
+def qk_norm_kind(m: ModelArchConfig) -> Optional[str]:
+    """None, "head" or "full" (the boolean reads true as head, false as none)."""
+    return ("head" if m.qk_norm else None) if isinstance(m.qk_norm, bool) else m.qk_norm
+
+
+def qk_norm_dims(m: ModelArchConfig) -> tuple:
+    """Widths of the q and k norm weights: () without QK-norm."""
+    kind, hd = qk_norm_kind(m), head_dim(m)
+    if kind is None:
+        return ()
+    return (hd, hd) if kind == "head" else (m.n_heads * hd, (m.n_kv_heads or m.n_heads) * hd)
 
 
 def dense_hidden(e: MoEConfig) -> int:
@@ -161,10 +183,17 @@ def is_moe_layer(i: int, e: MoEConfig) -> bool:
 def validate_model(m: ModelArchConfig) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
         _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
-    _require(m.d_model % m.n_heads == 0,
-             f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    _require((m.d_model // m.n_heads) % 2 == 0,
-             f"head dim model.d_model/model.n_heads={m.d_model // m.n_heads} must be even for RoPE")
+    if m.head_dim is None:
+        _require(m.d_model % m.n_heads == 0,
+                 f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
+        _require((m.d_model // m.n_heads) % 2 == 0,
+                 f"head dim model.d_model/model.n_heads={m.d_model // m.n_heads} must be even for RoPE")
+    else:
+        _require(m.head_dim >= 2 and m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even and >= 2 for RoPE")
+    _require(isinstance(m.qk_norm, bool) or m.qk_norm in ("head", "full"),
+             f"model.qk_norm={m.qk_norm!r} must be head, full or true/false (true = head)")
+    _require(m.attention in ("bidirectional", "causal"),
+             f"model.attention={m.attention!r} must be bidirectional or causal")
     kv = m.n_kv_heads or m.n_heads
     _require(1 <= kv <= m.n_heads and m.n_heads % kv == 0,
              f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")

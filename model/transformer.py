@@ -1,6 +1,7 @@
 """Bidirectional transformer for absorbing-mask diffusion: RMSNorm (fp32), RoPE (rotate-half),
-optional QK-norm, SDPA with no causal mask and a key-padding mask, GQA, no biases, untied head,
-optional logit soft-cap. FFNs are MoE layers (every `moe_every`-th layer) or dense SwiGLU.
+optional QK-norm (per head, or over the whole projection), SDPA with no causal mask and a
+key-padding mask (`model.attention=causal` adds one, to reproduce an imported autoregressive
+model), GQA, no biases, untied head, optional logit soft-cap. FFNs are MoE layers (every `moe_every`-th layer) or dense SwiGLU.
 
 Legend: B batch, L length, D model dim, H heads, K kv heads, Dh head dim, V vocab, N selected rows.
 """
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig, dense_hidden, is_moe_layer
+from .config import ModelConfig, dense_hidden, head_dim, is_moe_layer, qk_norm_dims, qk_norm_kind
 from .moe.experts import SwiGLU
 from .moe.layer import MoELayer, MoEStats
 
@@ -46,27 +47,46 @@ def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BHLD.dtype)
 
 
+def causal_mask(attn_mask_B11L: Optional[torch.Tensor], L: int, device) -> torch.Tensor:
+    """Key padding and causality in one boolean mask [B|1, 1, L, L]. A query always sees itself,
+    so a left-pad query (which sees only pads) gets no all-masked row (NaN in SDPA)."""
+    tril_LL = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    eye_LL = torch.eye(L, dtype=torch.bool, device=device)
+    return tril_LL if attn_mask_B11L is None else (attn_mask_B11L & tril_LL) | eye_LL
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         m = cfg.model
         self.n_heads, self.n_kv = m.n_heads, m.n_kv_heads or m.n_heads
-        self.head_dim = m.d_model // m.n_heads
+        self.head_dim = head_dim(m)
         self.wq = nn.Linear(m.d_model, self.n_heads * self.head_dim, bias=False)
         self.wkv = nn.Linear(m.d_model, 2 * self.n_kv * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, m.d_model, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else None
+        # ---- model.qk_norm (head | full) and model.attention (bidirectional | causal) ----
+        self.qk_norm, self.causal = qk_norm_kind(m), m.attention == "causal"
+        q_dim, k_dim = qk_norm_dims(m) or (None, None)
+        self.q_norm = RMSNorm(q_dim, m.norm_eps) if q_dim else None
+        self.k_norm = RMSNorm(k_dim, m.norm_eps) if k_dim else None
 
     def forward(self, x_BLD, rope, attn_mask_B11L: Optional[torch.Tensor], kv=None) -> torch.Tensor:
         B, L, _ = x_BLD.shape
-        q_BHLd = self.wq(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKLd, v_BKLd = self.wkv(x_BLD).view(B, L, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.q_norm is not None:   # QK-norm before RoPE
+        q_BLX, kv_BLY = self.wq(x_BLD), self.wkv(x_BLD)
+        if self.qk_norm == "full":   # OLMoE: over the whole q and k projections, before the head split
+            k_BLX, v_BLX = kv_BLY.chunk(2, dim=-1)
+            q_BLX, kv_BLY = self.q_norm(q_BLX), torch.cat([self.k_norm(k_BLX), v_BLX], dim=-1)
+        q_BHLd = q_BLX.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BKLd, v_BKLd = kv_BLY.view(B, L, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.qk_norm == "head":   # QK-norm per head, before RoPE
             q_BHLd, k_BKLd = self.q_norm(q_BHLd), self.k_norm(k_BKLd)
         q_BHLd, k_BKLd = apply_rope(q_BHLd, *rope), apply_rope(k_BKLd, *rope)
         if kv is not None:   # block cache (model/kv_cache.py): records these, or adds the cached columns
             k_BKLd, v_BKLd = kv(k_BKLd, v_BKLd)
+        if self.causal:   # an imported autoregressive model, before its conversion (model.attention)
+            if kv is not None:
+                raise ValueError("a block cache serves bidirectional attention only (model.attention=causal)")
+            attn_mask_B11L = causal_mask(attn_mask_B11L, L, x_BLD.device)
         o_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BKLd, v_BKLd, attn_mask=attn_mask_B11L,
                                                 is_causal=False, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(o_BHLd.transpose(1, 2).reshape(B, L, -1))
@@ -114,7 +134,7 @@ class DiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, ep_group) for i in range(m.n_layers))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)   # untied
-        cos, sin = rope_tables(m.max_seq_len, m.d_model // m.n_heads, m.rope_theta)
+        cos, sin = rope_tables(m.max_seq_len, head_dim(m), m.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights(seed)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from model.config import ModelConfig, dense_hidden, is_moe_layer, shared_hidden
+from model.config import ModelConfig, dense_hidden, head_dim, is_moe_layer, shared_hidden
 
 # dense bf16 tensor-core peaks (TFLOP/s) for MFU; unknown devices (and CPUs) report null
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
@@ -25,7 +25,7 @@ def forward_flops(cfg: ModelConfig, tokens: int, seq_len: int, masked_tokens: fl
     routed_assignments: sum over MoE layers of the (token, expert) pairs computed.
     """
     m, e = cfg.model, cfg.moe
-    d, hd = m.d_model, m.d_model // m.n_heads
+    d, hd = m.d_model, head_dim(m)
     kv = m.n_kv_heads or m.n_heads
     attn_proj = d * (m.n_heads * hd) * 2 + d * 2 * kv * hd
     attn_scores = 2 * seq_len * m.n_heads * hd            # QK^T and AV, bidirectional

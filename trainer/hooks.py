@@ -15,7 +15,8 @@ class RunHooks:
     check: Callable[[object], None] = lambda cfg: None
     # after every step, on every rank (collective): (model, step, rank, world) -> metrics row, {} if none due
     evaluate: Optional[Callable[[object, int, int, int], dict]] = None
-    # init.from of a Hugging Face directory: path -> (ModelConfig, {name: tensor} in ecdlm's naming)
+    # init.from of a Hugging Face directory: (path, fallback_mask_id=None) -> (ModelConfig, {name: tensor}
+    # in ecdlm's naming); fallback_mask_id: the configured mask of a source whose tokenizer names none
     read_hf_dir: Optional[Callable[[str], tuple]] = None
     # its preflight, reading config.json only: path -> anything; raises ConfigError
     check_hf_dir: Optional[Callable[[str], object]] = None

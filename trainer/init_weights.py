@@ -2,7 +2,8 @@
 
     init.from=runs/tc-pretrain                 an ecdlm run (its newest complete checkpoint)
     init.from=runs/tc-pretrain/checkpoints/step_00001000   one checkpoint, any layout
-    init.from=LLaDA-MoE-7B-A1B-Base            a Hugging Face directory (LLaDA-MoE or an ecdlm export)
+    init.from=LLaDA-MoE-7B-A1B-Base            a Hugging Face directory (LLaDA-MoE, an ecdlm export,
+                                               or qwen3_moe / olmoe: their mask is model.mask_id)
 
 The optimizer is fresh and the step is 0. Every tensor of the configured model must come from the
 source with the same (full, all-experts) shape; each that does not is named with both shapes, and
@@ -42,11 +43,14 @@ def source_kind(path: str) -> str:
     return "hf" if os.path.exists(os.path.join(path, "config.json")) else "ecdlm"
 
 
-def read_source(path: str, hooks: RunHooks) -> tuple[Optional[ModelConfig], Iterator[tuple[str, torch.Tensor]]]:
+def read_source(path: str, hooks: RunHooks, mask_id: Optional[int] = None
+                ) -> tuple[Optional[ModelConfig], Iterator[tuple[str, torch.Tensor]]]:
     """(the source's ModelConfig, (name, full tensor) pairs in ecdlm's naming). Hugging Face
-    directories are read by the reader the entry point handed over (evaluation/hf owns them)."""
+    directories are read by the reader the entry point handed over (evaluation/hf owns them).
+    `mask_id`: the mask of an autoregressive Hugging Face source whose tokenizer names none (the
+    configured one)."""
     if source_kind(path) == "hf":
-        mc, state = hf_reader(hooks, path)[0](path)
+        mc, state = hf_reader(hooks, path)[0](path, fallback_mask_id=mask_id)
         return mc, iter(state.items())
     try:
         ckpt, run_cfg = checkpoint_and_config(path)
@@ -93,7 +97,7 @@ def load_initial_weights(model, cfg, path: str, hooks: RunHooks = RunHooks()) ->
     """Copy the source's weights into `model` (before DeepSpeed wraps it), one tensor at a time.
     Returns {"loaded": n, "dropped": [names], "source_router": ...}. Raises ConfigError naming
     every mismatch (the half-filled model is then never used: the run stops)."""
-    source_cfg, tensors = read_source(path, hooks)
+    source_cfg, tensors = read_source(path, hooks, cfg.model_config.model.mask_id)
     check_compatible(source_cfg, cfg.model_config, path)
     target = model.state_dict()
     rows = expert_rows(model)

@@ -18,11 +18,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     e.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB, 200MiB (default 5GB)")
     e.add_argument("--tokenizer", help="prepared data directory with the tokenizer (default: the run's data.path)")
-    i = cmd.add_parser("import", help="turn a LLaDA-MoE- or ecdlm-format directory into an ecdlm run")
+    i = cmd.add_parser("import", help="turn a LLaDA-MoE-, ecdlm-, qwen3_moe- or olmoe-format directory into an ecdlm run")
     i.add_argument("hf_dir")
     i.add_argument("out_run")
     i.add_argument("--mask-id", type=int, help="mask token id (default: the tokenizer's --mask-token)")
-    i.add_argument("--mask-token", default="<|mask|>", help="mask token text to look up (default <|mask|>)")
+    i.add_argument("--mask-token", default="<|mask|>",
+                   help="mask token text to look up, or to name the added/spare row (default <|mask|>)")
+    i.add_argument("--add-mask-token", action="store_true",
+                   help="qwen3_moe/olmoe: add the mask as a new row of embedding and head (the mean row)")
+    i.add_argument("--pad-id", type=int, help="qwen3_moe/olmoe: pad id (default pad_token_id, else eos_token_id)")
     return p
 
 
@@ -38,7 +42,8 @@ def main(argv=None) -> int:
                   f"{res.out_dir} from {res.checkpoint}; tokenizer: {', '.join(res.tokenizer) or 'none'}")
         else:
             from .run_writer import import_to_run
-            ckpt = import_to_run(args.hf_dir, args.out_run, args.mask_id, args.mask_token)
+            ckpt = import_to_run(args.hf_dir, args.out_run, args.mask_id, args.mask_token,
+                                 add_mask_token=args.add_mask_token, pad_id=args.pad_id)
             print(f"imported {args.hf_dir} as run {args.out_run} (checkpoint {ckpt})")
     except (FormatError, ValueError, OSError) as err:   # OSError: CheckpointError, FileExistsError, a full disk
         print(f"error: {err}", file=sys.stderr)

@@ -145,6 +145,12 @@ def fit_problems(mc: ModelConfig) -> list:
                      "LLaDA-MoE's bias is also in the gates")
     if m.logit_softcap is not None:
         p.append(f"model.logit_softcap={m.logit_softcap} must be null")
+    if m.qk_norm == "full":
+        p.append("model.qk_norm=full must be head or false (LLaDA-MoE normalizes q and k per head)")
+    if m.head_dim not in (None, m.d_model // m.n_heads):
+        p.append(f"model.head_dim={m.head_dim} must be null (LLaDA-MoE's head dim is d_model/n_heads)")
+    if m.attention != "bidirectional":
+        p.append(f"model.attention={m.attention} must be bidirectional (LLaDA-MoE is a diffusion LM)")
     return p
 
 
@@ -160,7 +166,7 @@ def llada_config(mc: ModelConfig, eos_id: Optional[int] = None) -> dict:
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads,
         "max_position_embeddings": m.max_seq_len, "rope_theta": m.rope_theta, "partial_rotary_factor": 1.0,
-        "rope_scaling": None, "rms_norm_eps": m.norm_eps, "qk_layernorm": m.qk_norm,
+        "rope_scaling": None, "rms_norm_eps": m.norm_eps, "qk_layernorm": bool(m.qk_norm),
         "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None, "hidden_act": "silu",
         "initializer_range": m.init_std, "tie_word_embeddings": False, "use_cache": False,
         "pad_token_id": m.pad_id, "eos_token_id": eos_id, "bos_token_id": None,

@@ -17,25 +17,33 @@ from rundir.checkpoints import file_digest, tag_for, write_latest, write_manifes
 from rundir.config import load_config
 
 from .ecdlm_format import sections
+from .ar_moe import add_mask_to_tokenizer
 from .importer import load_hf_dir
 from rundir.safetensors_io import INDEX, ShardedWriter
 from .tokenizer import copy_tokenizer_files
 
 
 def import_to_run(hf_dir: str, out_run: str, mask_id: Optional[int] = None, mask_token: str = "<|mask|>",
-                  max_shard_bytes: int = 5 * 10**9) -> str:
+                  max_shard_bytes: int = 5 * 10**9, add_mask_token: bool = False,
+                  pad_id: Optional[int] = None) -> str:
     """Write the run; returns its checkpoint directory. OUT_RUN must not exist yet or be an empty
     directory: an import never writes into a training run (its config.yaml and `latest` would
-    be replaced) or any other folder with files in it (FileExistsError, nothing written)."""
+    be replaced) or any other folder with files in it (FileExistsError, nothing written).
+    add_mask_token, pad_id: see load_hf_dir."""
     out_run = os.path.abspath(out_run)
     refuse_non_empty(out_run)
-    cfg, state = load_hf_dir(hf_dir, mask_id, mask_token)
+    cfg, state = load_hf_dir(hf_dir, mask_id, mask_token, add_mask_token=add_mask_token, pad_id=pad_id)
     refuse_non_empty(out_run)   # loading takes a while: check again just before writing
     tok_dir = os.path.join(out_run, "tokenizer")
     os.makedirs(tok_dir)
     copy_tokenizer_files(hf_dir, tok_dir)
+    if cfg.model.attention == "causal":   # an autoregressive import: its tokenizer learns the mask
+        add_mask_to_tokenizer(tok_dir, cfg.model.mask_id, mask_token)
+    # an autoregressive import is a starting point: a run trained from it (`--config OUT_RUN/config.yaml
+    # init.from=OUT_RUN ...`) writes beside it, never into it (it would resume from the import)
+    name = os.path.basename(out_run) + ("-converted" if cfg.model.attention == "causal" else "")
     run = {**sections(cfg),
-           "train": {"run_name": os.path.basename(out_run), "output_dir": out_run,
+           "train": {"run_name": name, "output_dir": os.path.join(os.path.dirname(out_run), name),
                      "seq_len": min(128, cfg.model.max_seq_len)},
            "data": {"path": tok_dir}}   # load_run reads the tokenizer here (none: tools that need one say so)
     with open(os.path.join(out_run, "config.yaml"), "w") as f:

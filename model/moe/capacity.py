@@ -115,6 +115,10 @@ class TimestepCapacity:
         k = self._round(raw).clamp(math.ceil(self.k_min), math.floor(self.k_max))
         return k.to(torch.long)
 
+    def static_k(self) -> int:
+        """The static schedule's k, in plain Python (no tensor: it builds on the meta device too)."""
+        return int(round(self.k_static) if self.rounding == "half_even" else math.floor(self.k_static + 0.5))
+
     def _round(self, x: torch.Tensor) -> torch.Tensor:
         # expected_k goes through k(), so the quadrature and FLOP matching use the same rounding
         return torch.round(x) if self.rounding == "half_even" else torch.floor(x + 0.5)

@@ -92,7 +92,7 @@ class MoELayer(nn.Module):
                        if cfg.num_shared_experts else None)
         self.capacity: Optional[TimestepCapacity] = capacity   # None for token choice
         # a static schedule's k is a constant: resolve it once, not every forward
-        self.static_k = (int(capacity.k(torch.zeros(1))[0]) if capacity is not None and capacity.schedule == "static"
+        self.static_k = (capacity.static_k() if capacity is not None and capacity.schedule == "static"
                          else None)
         # aux-loss-free balancing (TC): selection-only bias, a buffer so checkpoints keep it
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)

@@ -132,6 +132,10 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
+def head_dim(m):
+    return m.get("head_dim") or m["d_model"] // m["n_heads"]
+
+
 def rotate(x_BHLd, cos_Lh, sin_Lh):
     x1, x2 = x_BHLd.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos_Lh - x2 * sin_Lh, x2 * cos_Lh + x1 * sin_Lh], dim=-1).to(x_BHLd.dtype)
@@ -141,22 +145,34 @@ class Attention(nn.Module):
     def __init__(self, m):
         super().__init__()
         self.n_heads, self.n_kv = m["n_heads"], m.get("n_kv_heads") or m["n_heads"]
-        self.head_dim = m["d_model"] // m["n_heads"]
+        self.head_dim = head_dim(m)
         self.wq = nn.Linear(m["d_model"], self.n_heads * self.head_dim, bias=False)
         self.wkv = nn.Linear(m["d_model"], 2 * self.n_kv * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, m["d_model"], bias=False)
-        if m["qk_norm"]:
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim, m["norm_eps"]), RMSNorm(self.head_dim, m["norm_eps"])
+        # qk_norm: true/"head" per head, "full" over the whole q and k projections, false none
+        self.qk_norm = "head" if m["qk_norm"] is True else (m["qk_norm"] or None)
+        self.causal = m.get("attention", "bidirectional") == "causal"
+        if self.qk_norm:
+            full = self.qk_norm == "full"
+            dq, dk = (self.n_heads * self.head_dim, self.n_kv * self.head_dim) if full else (self.head_dim,) * 2
+            self.q_norm, self.k_norm = RMSNorm(dq, m["norm_eps"]), RMSNorm(dk, m["norm_eps"])
         else:
             self.q_norm = self.k_norm = None
 
     def forward(self, x_BLD, rope, attn_mask):
         B, L, _ = x_BLD.shape
-        q = self.wq(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = self.wkv(x_BLD).view(B, L, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)   # rows [k; v]
-        if self.q_norm is not None:
+        q, kv = self.wq(x_BLD), self.wkv(x_BLD)
+        if self.qk_norm == "full":
+            k_flat, v_flat = kv.chunk(2, dim=-1)
+            q, kv = self.q_norm(q), torch.cat([self.k_norm(k_flat), v_flat], dim=-1)
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = kv.view(B, L, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)   # rows [k; v]
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, *rope), rotate(k, *rope)
+        if self.causal:   # an imported autoregressive model before conversion; a query always sees itself
+            tril = torch.ones(L, L, dtype=torch.bool, device=x_BLD.device).tril()
+            attn_mask = tril if attn_mask is None else (attn_mask & tril) | torch.eye(L, dtype=torch.bool, device=x_BLD.device)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(o.transpose(1, 2).reshape(B, L, -1))
 
@@ -286,7 +302,7 @@ class EcdlmForMaskedLM(PreTrainedModel):
         table = self.config.gate_scale_table
         scale_table = (torch.tensor(table, dtype=torch.float32, device=dev)
                        if moe.get("gate_scaling") not in (None, False, "off") and table is not None else None)
-        hd = m["d_model"] // m["n_heads"]
+        hd = head_dim(m)
         inv_freq = 1.0 / m["rope_theta"] ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd)
         angles = torch.outer(torch.arange(L, device=dev, dtype=torch.float32), inv_freq)
         rope = (angles.cos(), angles.sin())

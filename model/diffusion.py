@@ -118,17 +118,22 @@ def diffusion_loss(logits_NV: torch.Tensor, tokens_BL: torch.Tensor, masked: Mas
     inv_r_N = (1.0 / masked.ratio_B.clamp_min(1e-6))[pos_N // mask.shape[1]]
     n_tokens = masked.maskable_BL.sum()
     elbo = (nll_N * inv_r_N).sum() / n_tokens.clamp_min(1)
-    if weighting == "elbo":
-        loss = elbo
-    elif weighting == "uniform":
-        loss = nll_N.sum() / mask.sum().clamp_min(1)
-    elif weighting == "stable":
-        loss = nll_N.sum() / n_tokens.clamp_min(1)
-    else:
-        raise ValueError(f"loss_weighting={weighting!r} must be 'elbo', 'uniform' or 'stable'")
+    loss = weighted_loss(weighting, elbo, nll_N.sum(), mask.sum(), n_tokens)
     nll_BL = torch.zeros(mask.numel(), dtype=nll_N.dtype, device=nll_N.device)
     nll_BL = nll_BL.index_put_((pos_N,), nll_N.detach()).view(mask.shape)
     return DiffusionLoss(loss, elbo.detach(), masked.ratio_B, nll_BL, mask, n_tokens)
+
+
+def weighted_loss(weighting: str, elbo: torch.Tensor, nll_sum: torch.Tensor, n_masked: torch.Tensor,
+                  n_tokens: torch.Tensor) -> torch.Tensor:
+    """The loss `diffusion.loss_weighting` asks for, from the sums both loss forms share."""
+    if weighting == "elbo":
+        return elbo
+    if weighting == "uniform":
+        return nll_sum / n_masked.clamp_min(1)
+    if weighting == "stable":
+        return nll_sum / n_tokens.clamp_min(1)
+    raise ValueError(f"loss_weighting={weighting!r} must be 'elbo', 'uniform' or 'stable'")
 
 
 def _dense_diffusion_loss(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor, masked: Masked,
@@ -140,14 +145,7 @@ def _dense_diffusion_loss(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor, mas
     nll_BL = torch.where(mask, ce_BL, torch.zeros_like(ce_BL))
     n_tokens = masked.maskable_BL.sum()
     elbo = (nll_BL / masked.ratio_B.clamp_min(1e-6)[:, None]).sum() / n_tokens.clamp_min(1)
-    if weighting == "elbo":
-        loss = elbo
-    elif weighting == "uniform":
-        loss = nll_BL.sum() / mask.sum().clamp_min(1)
-    elif weighting == "stable":
-        loss = nll_BL.sum() / n_tokens.clamp_min(1)
-    else:
-        raise ValueError(f"loss_weighting={weighting!r} must be 'elbo', 'uniform' or 'stable'")
+    loss = weighted_loss(weighting, elbo, nll_BL.sum(), mask.sum(), n_tokens)
     return DiffusionLoss(loss, elbo.detach(), masked.ratio_B, nll_BL.detach(), mask, n_tokens)
 
 

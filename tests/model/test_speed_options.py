@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.host_syncs import tiny_config
 from model import DiffusionTransformer, ModelConfig, forward_loss, from_dict
 from model.config import ConfigError
-from model.moe import MoELayer
+from model.moe.layer import MoELayer
 from model.moe.layer import router_logits
 
 

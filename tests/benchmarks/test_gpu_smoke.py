@@ -74,8 +74,9 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path):
     for r in steps.values():
         assert r["tokens_per_s"] > 0 and r["tflop_per_step"] > 0
         assert r["sdpa_flash"], r["sdpa_kernels"]   # the CPU's flash kernel, as the GPU's
-    # linear_reverse EC reads its capacities once per MoE layer; TC routes with fixed shapes
-    assert steps["owt_ec"]["counted_syncs_in_moe_layers"] == steps["owt_ec"]["moe_layers"]
+    # linear_reverse EC reads its capacities once per forward, for every MoE layer at once (the
+    # model hands them to each block); TC routes with fixed shapes
+    assert steps["owt_ec"]["moe_layers"] > 1 and steps["owt_ec"]["counted_syncs_in_moe_layers"] == 1
 
     compiled = {r["config"]: r for r in every["compile"]}
     assert set(compiled) == {"owt_ec", "owt_tc"}
@@ -111,8 +112,9 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path):
 def test_the_hard_stop_still_writes_gpu_all_and_the_table(tmp_path):
     """gpu.sh's timeout sends SIGINT mid-run: the run writes gpu_all.json (the stopped part
     marked, the parts after it listed as not started) and prints the table before it exits."""
+    # the parts take about 40 s on an idle 2-core machine: a 12 s hard stop lands inside one
     proc = gpu_sh(["--budget", "1000", "--parts", "check", "layer", "router", "step", "compile", "graph"],
-                  tmp_path, env={"GPU_HARD_STOP_S": "45"}, timeout=300)
+                  tmp_path, env={"GPU_HARD_STOP_S": "12"}, timeout=300)
     assert proc.returncode == 124, proc.stdout[-3000:] + proc.stderr[-3000:]   # timeout's: it was stopped
     every = json.loads((tmp_path / "gpu_all.json").read_text())
     states = {p: s["state"] for p, s in every["status"].items()}

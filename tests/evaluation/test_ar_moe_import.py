@@ -228,12 +228,14 @@ def test_import_cli_writes_a_training_config_and_a_tokenizer_that_knows_the_mask
     conv = load_config(str(tmp_path / "run" / "config.yaml"),
                        (f"init.from={tmp_path / 'run'}", "model.attention=bidirectional", "moe.router=expert_choice"))
     assert conv.model_config.capacity is not None and conv.moe.k == 2
-    # init.from=HF_DIR reads the directory itself; its tokenizer has no mask: the configured id is it
+    # init.from=HF_DIR reads the directory itself (through the reader train.py hands the trainer);
+    # its tokenizer has no mask: the configured id is it
+    from train import run_hooks
     from trainer.init_weights import load_initial_weights
     direct = load_config(str(tmp_path / "run" / "config.yaml"),
                          (f"init.from={tmp_path / 'hf'}", "model.attention=bidirectional", "moe.router=expert_choice"))
     converted = DiffusionTransformer(direct.model_config, seed=5)
-    report = load_initial_weights(converted, direct, str(tmp_path / "hf"))
+    report = load_initial_weights(converted, direct, str(tmp_path / "hf"), run_hooks(direct))
     assert report["source_router"] == "token_choice" and report["dropped"] == []
     _, imported = load_hf_dir(str(tmp_path / "hf"), mask_id=SPARE)
     assert all(torch.equal(t, imported[n]) for n, t in converted.state_dict().items())

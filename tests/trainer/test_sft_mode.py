@@ -49,7 +49,7 @@ def test_the_trainer_refuses_before_starting(small_corpus, tmp_path):
         proc.stderr[-2000:]
     (tmp_path / "empty").mkdir()
     proc = run_main("--config", "configs/tiny.yaml", *ok, f"init.from={tmp_path / 'empty'}")
-    assert proc.returncode == 2 and "no complete checkpoint found" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "an empty directory, not a run" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_the_retrofit_preset_fits_llada_moe_weights_at_static_and_dynamic_capacity():
@@ -67,5 +67,8 @@ def test_the_retrofit_preset_fits_llada_moe_weights_at_static_and_dynamic_capaci
 
 
 def test_a_generation_longer_than_the_model_is_refused_in_the_config():
+    """Checked where train.py builds the in-training tasks, before anything else starts."""
+    from evaluation.tasks import TrainingTasks
+    cfg = load_config("configs/tiny.yaml", ("eval.tasks=[{name: g, path: x, mode: generate, gen_length: 128}]",))
     with pytest.raises(ConfigError, match=r"eval.tasks\[0\].gen_length=128 must be < model.max_seq_len=128"):
-        load_config("configs/tiny.yaml", ("eval.tasks=[{name: g, path: x, mode: generate, gen_length: 128}]",))
+        TrainingTasks(cfg)

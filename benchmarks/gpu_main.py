@@ -234,6 +234,9 @@ def main(argv=None) -> int:
                 if part.name in args.parts and part.name not in run.status:
                     run.status[part.name] = {"state": "skipped", "why": "the run's budget ran out before it"}
     except (HardStop, KeyboardInterrupt) as err:
+        for st in run.status.values():   # stopped before its own guard began (importing its module)
+            if st.get("state") == "running":
+                st.update(state="stopped", why="stopped by the hard stop (0 rows kept)")
         for part in PARTS:
             if part.name in args.parts and part.name not in run.status:
                 run.status[part.name] = {"state": "skipped", "why": f"not started: {err or 'interrupted'}"}

@@ -112,8 +112,10 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path):
 def test_the_hard_stop_still_writes_gpu_all_and_the_table(tmp_path):
     """gpu.sh's timeout sends SIGINT mid-run: the run writes gpu_all.json (the stopped part
     marked, the parts after it listed as not started) and prints the table before it exits."""
-    # the parts take about 40 s on an idle 2-core machine: a 12 s hard stop lands inside one
-    proc = gpu_sh(["--budget", "1000", "--parts", "check", "layer", "router", "step", "compile", "graph"],
+    # the parts before compile take a few seconds on an idle machine and compile far longer: a 12 s
+    # hard stop lands inside compile (or earlier, on a loaded one), with engine still to come
+    proc = gpu_sh(["--budget", "1000", "--smoke-deepspeed", "--parts", "check", "layer", "router", "step", "graph",
+                   "decode", "compile", "engine"],
                   tmp_path, env={"GPU_HARD_STOP_S": "12"}, timeout=300)
     assert proc.returncode == 124, proc.stdout[-3000:] + proc.stderr[-3000:]   # timeout's: it was stopped
     every = json.loads((tmp_path / "gpu_all.json").read_text())

@@ -6,6 +6,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Under pytest-xdist the workers share the machine: each worker, and every process it starts (the
+# trainer keeps an OMP_NUM_THREADS it is given), gets its share of the cores. Without this, two
+# workers each running a 2-rank job put 8 busy threads on 2 cores. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("OMP_NUM_THREADS"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, _workers)))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (CI still runs it)")
@@ -91,6 +98,7 @@ def _groups(items) -> dict:
     return {item.nodeid.split("::")[0]: find(item.nodeid.split("::")[0]) for item in items}
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads xdist_group into the node ids
 def pytest_collection_modifyitems(config, items):
     groups = _groups(items)
     for item in items:
@@ -124,3 +132,30 @@ def tc_run(small_corpus, tmp_path_factory):
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-6000:]
     return run_dir
+
+
+
+_UNGROUPED = []   # set in a worker whose loadgroup grouping did not take
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup`, pytest-xdist's worker writes each test's group into its node id
+    (`name@group`), and the controller sends a group to one worker. When that write does not take
+    (pytest-xdist against a pytest whose node ids it cannot set), tests of one file run on both
+    workers and each builds the file's module-scoped runs: the suite passes, twice as slowly.
+    Every test then fails at setup, saying why."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    _UNGROUPED.extend(item.nodeid for item in session.items
+                      if item.get_closest_marker("xdist_group") and "@" not in item.nodeid)
+
+
+def pytest_runtest_setup(item):
+    if _UNGROUPED:
+        import _pytest
+        import xdist
+        pytest.fail(f"--dist loadgroup: {len(_UNGROUPED)} tests carry an xdist_group mark but pytest-xdist "
+                    f"{xdist.__version__} did not put it in their node ids under pytest {_pytest.__version__}, "
+                    f"so one file's tests would run on both workers (first: {_UNGROUPED[0]}); install the "
+                    f"versions requirements.txt pins", pytrace=False)

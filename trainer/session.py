@@ -25,6 +25,7 @@ from rundir.config import RunConfig, resolve_mode, save_config
 from .engine import checkpoint as engine_ckpt
 from .engine.build import build_engine
 from .engine.ds_config import load_ds_config, resolve_ds_config
+from .engine.cpu_threads import share_cpu_threads
 from .engine.parallel import init_distributed
 from .hooks import RunHooks
 from .init_weights import check_init_source
@@ -156,6 +157,9 @@ def setup(cfg: RunConfig, ds_config_path: str, hooks: RunHooks = RunHooks()) -> 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    threads = share_cpu_threads()   # after set_device: under NCCL its gather runs on this rank's GPU
+    if threads and rank == 0:
+        log.info(threads)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     ds = resolve_ds_config(ds_raw, cfg, world, bf16=bf16, has_moe=cfg.moe.router != "dense", src=ds_config_path)
     if rank == 0:

@@ -28,7 +28,8 @@ def runs(small_corpus, tmp_path_factory):
         run_dir = base / name
         proc = launch(nproc, tiny_overrides(small_corpus, run_dir, **{"train.max_steps": 10, "train.save_every": 5,
                                                                "train.eval_every": 5, **extra}),
-               ds_config=f"ds_configs/{ds}.json", launcher=launcher)
+               ds_config=f"ds_configs/{ds}.json", launcher=launcher,
+               env={"OMP_NUM_THREADS": None} if name == "ep2" else None)   # the trainer's own share
         out[name] = run_dir
         out["logs"].append(proc.stdout + proc.stderr)
     out["shm_after"] = _deepspeed_shm_segments()
@@ -110,6 +111,13 @@ def test_wandb_offline_run_is_created_and_finishes(runs):
     assert glob.glob(os.path.join(runs_dirs[0], f"run-{run_id}.wandb"))
     log = open(os.path.join(runs_dirs[0], "logs", "debug.log")).read()
     assert "finish" in log.lower()
+
+
+def test_ranks_share_the_cores_without_omp_num_threads(runs):
+    """Under the launcher, with no OMP_NUM_THREADS, each rank takes its share of the cores."""
+    from trainer.engine.cpu_threads import usable_cores
+    cores = usable_cores()
+    assert f"CPU threads per rank: {max(1, cores // 2)} ({cores} cores shared by 2 ranks" in runs["logs"][1]
 
 
 def test_runs_leave_no_shared_memory_behind(runs):

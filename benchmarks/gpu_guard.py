@@ -11,6 +11,11 @@ BaseException: the `except Exception` guards inside a part record one config's f
 on, but must not swallow the signal that the part's (or the whole run's) time is up. SIGINT
 (what `timeout --signal=INT` sends) and SIGTERM raise HardStop instead of KeyboardInterrupt, so
 the runner writes gpu_all.json and the table before it exits. Main thread only.
+
+Python and torch swallow some of these raises: an exception in a weakref callback (gc inside
+`clean_up`) is printed and dropped, and dynamo runs parts of a compile under its own `try`.
+So a raise is not assumed to arrive: until the limit's block has exited (or the run has
+stopped), the timer fires again every RETRY_S and raises again.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class Limit:
         self.t0 = time.monotonic()
         self.deadline = None if seconds is None else self.t0 + max(seconds, 0.0)
         self.cut = False
+        self.raised_at = None   # when its Cut was last raised (its block has not ended yet)
 
     def left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
@@ -57,11 +63,17 @@ class Limit:
 
 
 _ACTIVE: list[Limit] = []
+RETRY_S = 0.5            # a swallowed Cut or HardStop is raised again this long after
+_STOPPED: list[str] = []  # why the run was told to stop, once it was
 
 
 def _arm() -> None:
     """Set the one real timer to the earliest active deadline (or off)."""
-    deadlines = [lim.deadline for lim in _ACTIVE if lim.deadline is not None]
+    if _STOPPED:   # stopping: keep raising until quiet()
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+        return
+    deadlines = [lim.deadline if lim.raised_at is None else lim.raised_at + RETRY_S
+                 for lim in _ACTIVE if lim.deadline is not None]
     if not deadlines:
         signal.setitimer(signal.ITIMER_REAL, 0)
         return
@@ -69,16 +81,23 @@ def _arm() -> None:
 
 
 def _on_alarm(signum, frame) -> None:
+    if _STOPPED:   # the stop was swallowed: raise it again
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+        raise HardStop(_STOPPED[0])
     now = time.monotonic()
     expired = [lim for lim in _ACTIVE if lim.deadline is not None and lim.deadline <= now + 1e-3]
     if not expired:   # woke a little early: wait for the rest
         _arm()
         return
+    expired[0].raised_at = now   # raised again RETRY_S from now, until `limited` catches it
+    _arm()
     raise Cut(expired[0])   # the outermost: every limit inside it is over too
 
 
 def _on_stop(signum, frame) -> None:
-    raise HardStop(f"stopped by {signal.Signals(signum).name}")
+    _STOPPED[:] = [f"stopped by {signal.Signals(signum).name}"]
+    signal.setitimer(signal.ITIMER_REAL, RETRY_S)   # until quiet() turns it off
+    raise HardStop(_STOPPED[0])
 
 
 def install_handlers() -> None:

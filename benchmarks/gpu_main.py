@@ -234,6 +234,7 @@ def main(argv=None) -> int:
                 if part.name in args.parts and part.name not in run.status:
                     run.status[part.name] = {"state": "skipped", "why": "the run's budget ran out before it"}
     except (HardStop, KeyboardInterrupt) as err:
+        gpu_guard.quiet()   # first: a stop raised again would cut this handler short
         for st in run.status.values():   # stopped before its own guard began (importing its module)
             if st.get("state") == "running":
                 st.update(state="stopped", why="stopped by the hard stop (0 rows kept)")

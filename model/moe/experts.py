@@ -87,12 +87,13 @@ def _swiglu_backward(grad, h, s, gate, need_grad_gate: bool):
     return grad_h, grad_gate
 
 
-class _LocalFixedExperts(torch.autograd.Function):
-    """gather -> x @ w_in -> gated SwiGLU -> @ w_out -> scatter-add, as one autograd node.
+def _local_fixed_forward(x_TD, idx_EC, gate_EC, w_in_EDF, w_out_EHD):
+    """gather -> x @ w_in -> gated SwiGLU -> @ w_out -> scatter-add, one group of experts at a
+    time: (out [T, D], and what the backward keeps: h [E, C, 2H], s [E, C, H]).
 
     The same math as LocalDispatcher.dispatch + Experts.forward_fixed + combine, for the common
-    case (every expert on this process, the same C rows each). Why one node: only h = x @ w_in
-    and s = silu(h1) are kept for the backward, the two tensors the floor (a dense SwiGLU of the
+    case (every expert on this process, the same C rows each). Only h = x @ w_in and
+    s = silu(h1) are kept for the backward, the two tensors the floor (a dense SwiGLU of the
     same width) keeps too. The gathered rows, the expert outputs, the activation a = s * h2 * g,
     the output-gradient rows, dL/da, dL/dh and the dL/dx rows are made one group of experts at a
     time, small, and reused: the backward gathers its group's input rows again and recomputes a
@@ -103,48 +104,93 @@ class _LocalFixedExperts(torch.autograd.Function):
     costs; small blocks come from the heap and are reused (benchmarks/README.md). On a GPU the
     caching allocator makes fresh tensors free, so there it is one group.
     """
+    (E, C), (D, F2) = idx_EC.shape, w_in_EDF.shape[1:]
+    h_ECF = x_TD.new_empty(E, C, F2)
+    s_ECH = x_TD.new_empty(E, C, F2 // 2)
+    out_TD = x_TD.new_zeros(x_TD.shape)
+    for g in _expert_groups(E, C, max(D, F2), x_TD):
+        idx = idx_EC[g].reshape(-1)
+        x_gCD = x_TD.index_select(0, idx).view(-1, C, D)                        # dispatch
+        torch.bmm(x_gCD, w_in_EDF[g], out=h_ECF[g])
+        a_gCH = _swiglu_forward(h_ECF[g], gate_EC[g] if gate_EC is not None else None, s_out=s_ECH[g])[0]
+        out_TD.index_add_(0, idx, torch.bmm(a_gCH, w_out_EHD[g]).view(-1, D))    # combine
+    return out_TD, h_ECF, s_ECH
 
-    @staticmethod
-    def forward(ctx, x_TD, idx_EC, gate_EC, w_in_EDF, w_out_EHD):
-        (E, C), (D, F2) = idx_EC.shape, w_in_EDF.shape[1:]
-        h_ECF = x_TD.new_empty(E, C, F2)
-        s_ECH = x_TD.new_empty(E, C, F2 // 2)
-        out_TD = x_TD.new_zeros(x_TD.shape)
-        for g in _expert_groups(E, C, max(D, F2), x_TD):
-            idx = idx_EC[g].reshape(-1)
-            x_gCD = x_TD.index_select(0, idx).view(-1, C, D)                        # dispatch
-            torch.bmm(x_gCD, w_in_EDF[g], out=h_ECF[g])
-            a_gCH = _swiglu_forward(h_ECF[g], gate_EC[g] if gate_EC is not None else None, s_out=s_ECH[g])[0]
-            out_TD.index_add_(0, idx, torch.bmm(a_gCH, w_out_EHD[g]).view(-1, D))    # combine
-        ctx.save_for_backward(x_TD, h_ECF, s_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD)
-        return out_TD
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_TD):
-        x_TD, h_ECF, s_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD = ctx.saved_tensors
-        need_gate = ctx.needs_input_grad[2]
-        (E, C), D = idx_EC.shape, x_TD.shape[-1]
-        grad_x = grad_TD.new_zeros(grad_TD.shape)
-        grad_w_in, grad_w_out = torch.empty_like(w_in_EDF), torch.empty_like(w_out_EHD)
-        grad_gate = torch.empty_like(gate_EC) if need_gate and gate_EC is not None else None
-        for g in _expert_groups(E, C, max(D, h_ECF.shape[-1]), x_TD):
-            idx = idx_EC[g].reshape(-1)
-            h_gCF, s_gCH, gate_gC = h_ECF[g], s_ECH[g], (gate_EC[g] if gate_EC is not None else None)
-            rows_gCD = grad_TD.index_select(0, idx).view(-1, C, D)                    # dL/dy
-            a_gCH = torch.mul(s_gCH, h_gCF.chunk(2, dim=-1)[1])                         # recomputed
-            if gate_gC is not None:
-                a_gCH.mul_(gate_gC.to(a_gCH.dtype).unsqueeze(-1))
-            torch.bmm(a_gCH.transpose(1, 2), rows_gCD, out=grad_w_out[g])
-            grad_a = torch.bmm(rows_gCD, w_out_EHD[g].transpose(1, 2), out=a_gCH)     # a is spent
-            grad_h, grad_gate_g = _swiglu_backward(grad_a, h_gCF, s_gCH, gate_gC, need_gate)
-            if grad_gate is not None:
-                grad_gate[g] = grad_gate_g
-            x_gCD = torch.index_select(x_TD, 0, idx, out=rows_gCD.view(-1, D)).view(-1, C, D)  # gathered again
-            torch.bmm(x_gCD.transpose(1, 2), grad_h, out=grad_w_in[g])
-            torch.bmm(grad_h, w_in_EDF[g].transpose(1, 2), out=rows_gCD)              # dL/dx rows
-            grad_x.index_add_(0, idx, rows_gCD.view(-1, D))
-        return grad_x, None, grad_gate, grad_w_in, grad_w_out
+def _local_fixed_backward(grad_TD, x_TD, h_ECF, s_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD, need_gate: bool):
+    """(dL/dx, dL/dgate or None, dL/dw_in, dL/dw_out) of _local_fixed_forward, group by group."""
+    (E, C), D = idx_EC.shape, x_TD.shape[-1]
+    grad_x = grad_TD.new_zeros(grad_TD.shape)
+    grad_w_in, grad_w_out = torch.empty_like(w_in_EDF), torch.empty_like(w_out_EHD)
+    grad_gate = torch.empty_like(gate_EC) if need_gate and gate_EC is not None else None
+    for g in _expert_groups(E, C, max(D, h_ECF.shape[-1]), x_TD):
+        idx = idx_EC[g].reshape(-1)
+        h_gCF, s_gCH, gate_gC = h_ECF[g], s_ECH[g], (gate_EC[g] if gate_EC is not None else None)
+        rows_gCD = grad_TD.index_select(0, idx).view(-1, C, D)                    # dL/dy
+        a_gCH = torch.mul(s_gCH, h_gCF.chunk(2, dim=-1)[1])                         # recomputed
+        if gate_gC is not None:
+            a_gCH.mul_(gate_gC.to(a_gCH.dtype).unsqueeze(-1))
+        torch.bmm(a_gCH.transpose(1, 2), rows_gCD, out=grad_w_out[g])
+        grad_a = torch.bmm(rows_gCD, w_out_EHD[g].transpose(1, 2), out=a_gCH)     # a is spent
+        grad_h, grad_gate_g = _swiglu_backward(grad_a, h_gCF, s_gCH, gate_gC, need_gate)
+        if grad_gate is not None:
+            grad_gate[g] = grad_gate_g
+        x_gCD = torch.index_select(x_TD, 0, idx, out=rows_gCD.view(-1, D)).view(-1, C, D)  # gathered again
+        torch.bmm(x_gCD.transpose(1, 2), grad_h, out=grad_w_in[g])
+        torch.bmm(grad_h, w_in_EDF[g].transpose(1, 2), out=rows_gCD)              # dL/dx rows
+        grad_x.index_add_(0, idx, rows_gCD.view(-1, D))
+    return grad_x, grad_gate, grad_w_in, grad_w_out
+
+
+# The fused node as two custom operators (forward, backward) with a registered autograd formula.
+# Eager calls them like any op; torch.compile keeps each as one opaque call in its graph (no
+# graph break, fullgraph holds). Why opaque under compile on the CPU: inductor's own code for
+# the same gather, bmm's, SwiGLU and index_add measured 15% slower than this node on the layer
+# benchmark's shape (docs/speed.md), since its fresh [E, C, *] buffers are page-faulted in.
+@torch.library.custom_op("ecdlm::local_fixed_experts", mutates_args=())
+def local_fixed_experts(x_TD: torch.Tensor, idx_EC: torch.Tensor, gate_EC: Optional[torch.Tensor],
+                        w_in_EDF: torch.Tensor, w_out_EHD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _local_fixed_forward(x_TD, idx_EC, gate_EC, w_in_EDF, w_out_EHD)
+
+
+@local_fixed_experts.register_fake
+def _(x_TD, idx_EC, gate_EC, w_in_EDF, w_out_EHD):
+    (E, C), F2 = idx_EC.shape, w_in_EDF.shape[-1]
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(E, C, F2), x_TD.new_empty(E, C, F2 // 2)
+
+
+@torch.library.custom_op("ecdlm::local_fixed_experts_backward", mutates_args=())
+def local_fixed_experts_backward(grad_TD: torch.Tensor, x_TD: torch.Tensor, h_ECF: torch.Tensor,
+                                 s_ECH: torch.Tensor, idx_EC: torch.Tensor, gate_EC: Optional[torch.Tensor],
+                                 w_in_EDF: torch.Tensor, w_out_EHD: torch.Tensor,
+                                 need_gate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gg, gwi, gwo = _local_fixed_backward(grad_TD.contiguous(), x_TD, h_ECF, s_ECH, idx_EC, gate_EC,
+                                             w_in_EDF, w_out_EHD, need_gate)
+    return gx, (gg if gg is not None else x_TD.new_empty(0)), gwi, gwo   # an op returns tensors
+
+
+@local_fixed_experts_backward.register_fake
+def _(grad_TD, x_TD, h_ECF, s_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD, need_gate):
+    gg = gate_EC.new_empty(gate_EC.shape) if need_gate and gate_EC is not None else x_TD.new_empty(0)
+    return x_TD.new_empty(x_TD.shape), gg, w_in_EDF.new_empty(w_in_EDF.shape), w_out_EHD.new_empty(w_out_EHD.shape)
+
+
+def _fused_setup(ctx, inputs, output):
+    x_TD, idx_EC, gate_EC, w_in_EDF, w_out_EHD = inputs
+    ctx.save_for_backward(x_TD, output[1], output[2], idx_EC, gate_EC, w_in_EDF, w_out_EHD)
+    ctx.mark_non_differentiable(output[1], output[2])   # kept for the backward, never used on:
+    ctx.set_materialize_grads(False)                     # no [E, C, *] zeros for their gradients
+    ctx.need_gate = gate_EC is not None and gate_EC.requires_grad
+
+
+def _fused_backward(ctx, grad_TD, grad_h_unused, grad_s_unused):
+    x_TD, h_ECF, s_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD = ctx.saved_tensors
+    gx, gg, gwi, gwo = local_fixed_experts_backward(grad_TD, x_TD, h_ECF, s_ECH, idx_EC, gate_EC,
+                                                    w_in_EDF, w_out_EHD, ctx.need_gate)
+    return gx, None, (gg if ctx.need_gate else None), gwi, gwo
+
+
+local_fixed_experts.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 # Per-tensor budget of a group. A group's temporaries (about three such tensors) must also stay
@@ -206,15 +252,16 @@ class Experts(nn.Module):
     def forward_local(self, x_TD: torch.Tensor, token_idx_EC: torch.Tensor,
                       gate_EC: torch.Tensor) -> torch.Tensor:
         """Gather, forward_fixed with the gates, and scatter-add back to [T, D], as one autograd
-        node (see _LocalFixedExperts): for when every expert is on this process. Under
-        torch.compile, the same steps as plain ops (see compiling())."""
-        if compiling():
+        node (see _local_fixed_forward): for when every expert is on this process. Compiled
+        for a GPU, the same steps as plain ops, which inductor fuses (see compiling()); compiled
+        for the CPU, the node stays one opaque call (see local_fixed_experts)."""
+        if compiling() and x_TD.device.type != "cpu":
             D = x_TD.shape[-1]
             rows_ECD = x_TD.index_select(0, token_idx_EC.reshape(-1)).view(*token_idx_EC.shape, D)
             y_ECD = self.forward_fixed(rows_ECD, gate_EC)
             return x_TD.new_zeros(x_TD.shape).index_add(0, token_idx_EC.reshape(-1), y_ECD.reshape(-1, D))
-        return _LocalFixedExperts.apply(x_TD, token_idx_EC, gate_EC, self.w_in_EDF.to(x_TD.dtype),
-                                        self.w_out_EHD.to(x_TD.dtype))
+        return local_fixed_experts(x_TD, token_idx_EC, gate_EC, self.w_in_EDF.to(x_TD.dtype),
+                                   self.w_out_EHD.to(x_TD.dtype))[0]
 
     def forward_ragged(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
                        gate_N: Optional[torch.Tensor] = None) -> torch.Tensor:

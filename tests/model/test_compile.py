@@ -84,3 +84,33 @@ def test_token_choice_dropless_breaks_where_its_sizes_depend_on_data():
     assert explained.graph_break_count >= 1
     assert any("_local_scalar_dense" in str(b.reason) or "item" in str(b.reason) or "tolist" in str(b.reason)
                for b in explained.break_reasons)
+
+
+@pytest.mark.parametrize("with_gate", [True, False])
+def test_the_fused_expert_node_is_a_registered_operator(with_gate):
+    """ecdlm::local_fixed_experts (the one-process EC node a CPU compile keeps whole): its schema,
+    fake (shape) function and autograd formula agree with what the op computes (opcheck), and its
+    gradients equal the unfused path's (gather, forward_fixed, scatter-add in plain ops)."""
+    from model.moe.experts import Experts, local_fixed_experts
+    torch.manual_seed(0)
+    T, D, E, H, C = 24, 8, 4, 6, 5
+    experts = Experts(E, D, H)
+    experts.init_weights(0, 0, 0.3, 0.3)
+    idx = torch.stack([torch.randperm(T)[:C] for _ in range(E)])
+    x = torch.randn(T, D, requires_grad=True)
+    gate = torch.rand(E, C, requires_grad=True) if with_gate else None
+    torch.library.opcheck(local_fixed_experts, (x, idx, gate, experts.w_in_EDF, experts.w_out_EHD))
+
+    def grads(fn):
+        for t in (x, gate, *experts.parameters()):
+            if t is not None:
+                t.grad = None
+        out = fn()
+        out.square().sum().backward()
+        return [out.detach()] + [t.grad.clone() for t in (x, gate, *experts.parameters()) if t is not None]
+
+    fused = grads(lambda: experts.forward_local(x, idx, gate))
+    plain = grads(lambda: x.new_zeros(x.shape).index_add(
+        0, idx.reshape(-1), experts.forward_fixed(x[idx.reshape(-1)].view(E, C, D), gate).reshape(-1, D)))
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -139,9 +139,16 @@ def run_all(args, impls) -> list[dict]:
     rows = [summarize(i, windows[i], runs[i], tokens_per_step, args,
                       {"active_params": counts[i]["active"], "total_params": counts[i]["total"]})
             for i in impls]
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """speedup_vs_tc_dropless and step_vs_dense of every row: compiled rows against the compiled
+    references, eager rows against the eager ones (None where that reference did not run)."""
     ref = {r["impl"]: r for r in rows}
     for r in rows:
-        r["speedup_vs_tc_dropless"] = (r["tokens_per_s"] / ref["tc_dropless"]["tokens_per_s"]
-                                       if "tc_dropless" in ref else None)
-        r["step_vs_dense"] = r["step_s"] / ref["dense"]["step_s"] if "dense" in ref else None
+        mode = "/compiled" if r["impl"].endswith("/compiled") else ""
+        tc, dense = ref.get("tc_dropless" + mode), ref.get("dense" + mode)
+        r["speedup_vs_tc_dropless"] = r["tokens_per_s"] / tc["tokens_per_s"] if tc else None
+        r["step_vs_dense"] = r["step_s"] / dense["step_s"] if dense else None
     return rows

@@ -70,3 +70,25 @@ def test_train_throughput_compiled_implementations_turn_train_compile_on():
         assert eager[-1] == "train.compile=false" and compiled[:len(eager) - 1] == eager[:-1]
         assert load_config("configs/tiny.yaml", tuple(eager)).train.compile is False
         assert load_config("configs/tiny.yaml", tuple(compiled)).train.compile is True
+
+
+def test_train_throughput_compares_compiled_with_compiled(capsys, monkeypatch):
+    """The targets' ratios: a compiled row against the compiled dense and TC dropless runs, an
+    eager row against the eager ones, and the compiled-against-eager EC speedup printed too."""
+    import argparse
+    from benchmarks.throughput import report
+    from benchmarks.throughput.runs import add_ratios
+    steps = {"ec": 1.0, "tc_dropless": 1.1, "dense": 0.8, "ec/compiled": 0.9, "tc_dropless/compiled": 1.2,
+             "dense/compiled": 0.6}
+    rows = add_ratios([{"impl": i, "step_s": s, "tokens_per_s": 1000 / s, "noisy": False} for i, s in steps.items()])
+    by = {r["impl"]: r for r in rows}
+    assert by["ec"]["step_vs_dense"] == 1.0 / 0.8 and by["ec/compiled"]["step_vs_dense"] == 0.9 / 0.6
+    assert abs(by["ec/compiled"]["speedup_vs_tc_dropless"] - 1.2 / 0.9) < 1e-12
+    args = argparse.Namespace(window=5, max_foreign=0.25, min_clean=3)
+    monkeypatch.setattr(report, "model_sha", lambda: "same")
+    targets = report.print_runs(args, rows, {"model_sha": "same"})
+    assert targets["ec_vs_dense_step_s_compiled"] == 1.5 and targets["ec_vs_dense_step_s"] == 1.25
+    assert abs(targets["ec_compiled_speedup"] - 1.0 / 0.9) < 1e-12
+    printed = capsys.readouterr().out
+    assert "target ec/compiled step time <= 1.2x dense/compiled: 1.50x -> MISSED" in printed
+    assert "ec compiled against eager: 1.11x faster -> met" in printed

@@ -184,6 +184,8 @@ def _fused_setup(ctx, inputs, output):
 
 
 def _fused_backward(ctx, grad_TD, grad_h_unused, grad_s_unused):
+    if grad_TD is None:   # not materialized: the output took no part in the loss
+        return None, None, None, None, None
     x_TD, h_ECF, s_ECH, idx_EC, gate_EC, w_in_EDF, w_out_EHD = ctx.saved_tensors
     gx, gg, gwi, gwo = local_fixed_experts_backward(grad_TD, x_TD, h_ECF, s_ECH, idx_EC, gate_EC,
                                                     w_in_EDF, w_out_EHD, ctx.need_gate)

@@ -6,8 +6,8 @@ EC (static, linear_reverse), TC and dense models trained here, side by side in o
 
 Tasks (benchmarks/sampling_tasks.py): `copy` (the retrofit demonstration's copy task, answers of 6
 tokens in a 128-token generation, so early stop matters) and `count` (answers of 64 tokens, 63
-symbols and end-of-text, filling a 64-token generation; at 128 tokens this model did not learn it
-in 400 steps). Every arch has the same active parameters (k=2 experts of width 32 per token;
+symbols and end-of-text, filling a 64-token generation; at generation 128, 127 symbols, it needs
+about 6000 steps: docs/sampling.md). Every arch has the same active parameters (k=2 experts of width 32 per token;
 dense: one SwiGLU of width 64) and the same training (steps, batch, learning rate, seed).
 
 Settings, all with blocks of 32 (semi-autoregressive) and greedy proposals: `plain` is the sampler

@@ -5,8 +5,10 @@ Two tasks at the token level, so a tiny model learns them in a few hundred CPU s
   with one token per word and digit: [COPY d1..d5 =] -> [d1..d5 EOD].
 - `count`: a long answer: [COUNT s =] -> s, s+1, s+2, ... (over 16 symbols, cyclically) for
   `length` tokens, then EOD. Each token follows from any decided one at a known distance.
-  Learned exactly at length 31 in 300 steps (dense, batch 32); not at 127 in 400 steps (10% of tokens right),
-  nor were copying a 64-symbol string or repeating a 4-symbol pattern to 127 tokens.
+  Learned exactly at length 31 in 300 steps (dense, batch 32); at 127 (generation 128) in 6000
+  steps of batch 32 (dense: 100% exact match; 62% at 1500 steps, 84% at 4000), about 7 minutes on
+  one core of an idle 2-core EPYC. Copying a 64-symbol string or repeating a 4-symbol pattern to
+  127 tokens was not learned in 400 steps (on a loaded machine; not tried further).
 Chance exact match is 10^-5 and 1/16. The answer is followed by end-of-text up to the end of
 the canvas (LLaDA's fine-tuning pads responses with EOS), so a model learns to end its answer.
 

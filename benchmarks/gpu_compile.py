@@ -102,28 +102,17 @@ def share(configs, i: int) -> float:
 
 
 def run(ctx, sink, configs=STEP_CONFIGS) -> None:
-    from benchmarks.gpu_guard import Cut, clean_up, error_fields, limited
+    from benchmarks.gpu_guard import clean_up, error_fields, limited_row
     for i, name in enumerate(configs):
         state = {}
-
-        def mark_cut(seconds: float, whose: str) -> None:   # quick: a Cut is raised again RETRY_S on
-            row = state.get("row") or {"config": name, "stage": "building"}
-            row["cut"] = f"cut after {seconds:.0f} s ({whose}) while {row.get('stage', 'building')}"
-            sink.save() if "row" in state else sink.add(row)
-        try:
-            with limited(ctx.left() * share(configs, i), f"compile {name}") as lim:
-                try:
-                    state["row"], cfg, model, opt, data = eager_row(name, ctx, sink)
-                    compiled(state["row"], cfg, model, opt, data, ctx, sink)
-                except Exception as err:   # this preset's row records it; the next preset runs
-                    row = state.get("row") or sink.add({"config": name})
-                    row.update(error_fields(err))
-                    sink.save()
-        except Cut as err:   # the part's limit (or the run's): this row says so, the cut goes on up
-            mark_cut(err.limit.elapsed(), err.limit.what)
-            raise
-        if lim.cut:
-            mark_cut(lim.seconds, "its share of the part")
+        with limited_row(sink, {"config": name}, ctx.left() * share(configs, i), f"compile {name}"):
+            try:
+                state["row"], cfg, model, opt, data = eager_row(name, ctx, sink)
+                compiled(state["row"], cfg, model, opt, data, ctx, sink)
+            except Exception as err:   # this preset's row records it; the next preset runs
+                row = state.get("row") or sink.add({"config": name})
+                row.update(error_fields(err))
+                sink.save()
         state.clear()
         model = opt = data = None
         torch._dynamo.reset()

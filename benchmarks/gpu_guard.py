@@ -63,8 +63,8 @@ class Limit:
 
 
 _ACTIVE: list[Limit] = []
-RETRY_S = 0.5            # a swallowed Cut or HardStop is raised again this long after
-_STOPPED: list[str] = []  # why the run was told to stop, once it was
+RETRY_S = 0.5                    # a swallowed Cut or HardStop is raised again this long after
+_STOPPED: Optional[str] = None   # why the run was told to stop, once it was
 
 
 def _arm() -> None:
@@ -82,8 +82,8 @@ def _arm() -> None:
 
 def _on_alarm(signum, frame) -> None:
     if _STOPPED:   # the stop was swallowed: raise it again
-        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
-        raise HardStop(_STOPPED[0])
+        _arm()
+        raise HardStop(_STOPPED)
     now = time.monotonic()
     expired = [lim for lim in _ACTIVE if lim.deadline is not None and lim.deadline <= now + 1e-3]
     if not expired:   # woke a little early: wait for the rest
@@ -95,9 +95,10 @@ def _on_alarm(signum, frame) -> None:
 
 
 def _on_stop(signum, frame) -> None:
-    _STOPPED[:] = [f"stopped by {signal.Signals(signum).name}"]
-    signal.setitimer(signal.ITIMER_REAL, RETRY_S)   # until quiet() turns it off
-    raise HardStop(_STOPPED[0])
+    global _STOPPED
+    _STOPPED = f"stopped by {signal.Signals(signum).name}"
+    _arm()   # raised again every RETRY_S until quiet() turns the timer off
+    raise HardStop(_STOPPED)
 
 
 def install_handlers() -> None:
@@ -131,6 +132,32 @@ def limited(seconds: Optional[float], what: str = ""):
         if lim in _ACTIVE:
             _ACTIVE.remove(lim)
         _arm()
+
+
+@contextlib.contextmanager
+def limited_row(sink: Sink, base: dict, seconds: Optional[float], what: str):
+    """A preset's block under its own limit. Whether that limit cuts it or an outer one (the
+    part's, the run's) passes through it, the preset's row says so: the last row with `base`'s
+    fields, else a new one. The outer Cut then goes on up."""
+    try:
+        with limited(seconds, what) as lim:
+            yield lim
+    except Cut as err:
+        mark_cut(sink, base, err.limit)
+        raise
+    if lim.cut:
+        mark_cut(sink, base, lim)
+
+
+def mark_cut(sink: Sink, base: dict, lim: Limit) -> None:
+    """Quick (a Cut is raised again RETRY_S on): the row is complete before it is written."""
+    rows = [r for r in sink.rows if all(r.get(k) == v for k, v in base.items())]
+    row = rows[-1] if rows else dict(base)
+    row["cut"] = f"cut after {lim.elapsed():.0f} s ({lim.what})" + (f" while {row['stage']}" if "stage" in row else "")
+    if rows:
+        sink.save()
+    else:
+        sink.add(row)
 
 
 def clean_up(device: torch.device) -> None:

@@ -188,18 +188,8 @@ def ceilings_part(ctx, sink) -> None:
 def run(ctx, sink, configs=STEP_CONFIGS) -> None:
     """Each preset on its own, with an equal share of the time left; one that raises or runs
     out of memory is its row's error."""
-    from benchmarks.gpu_guard import clean_up, guarded, limited
+    from benchmarks.gpu_guard import clean_up, guarded, limited_row
     for i, name in enumerate(configs):
-        with limited(ctx.left() / (len(configs) - i), f"step {name}") as lim:
+        with limited_row(sink, {"config": name}, ctx.left() / (len(configs) - i), f"step {name}"):
             guarded(sink, {"config": name}, lambda: run_one(name, ctx, sink), ctx.device)
-        if lim.cut:
-            note_cut(sink, {"config": name}, lim)
         clean_up(ctx.device)
-
-
-def note_cut(sink, base: dict, lim) -> None:
-    """Mark the row of a config that ran out of its share of time (or add one)."""
-    rows = [r for r in sink.rows if all(r.get(k) == v for k, v in base.items())]
-    row = rows[-1] if rows else sink.add(dict(base))
-    row["cut"] = f"cut after {lim.seconds:.0f} s, its share of the part's time"
-    sink.save()

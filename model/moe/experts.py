@@ -16,10 +16,12 @@ from torch.autograd.function import once_differentiable
 
 
 def compiling() -> bool:
-    """Whether torch.compile is tracing this call. Traced code takes plain differentiable ops:
-    the hand-written autograd Functions below (out= into non-contiguous views, per-group loops)
-    save eager memory and passes, but dynamo cannot trace their backwards (a graph break each),
-    and inductor fuses the plain ops itself. Same math either way (docs/speed.md)."""
+    """Whether torch.compile is tracing this call. Traced code takes plain differentiable ops
+    where inductor does better with them: the hand-written _SwiGLU (out= into non-contiguous
+    views) saves eager memory and passes, but dynamo cannot trace its backward (a graph break),
+    and inductor fuses the plain ops itself. The fused one-process expert node is a custom
+    operator instead, which dynamo keeps whole (see local_fixed_experts). Same math either way
+    (docs/speed.md)."""
     return torch.compiler.is_compiling()
 
 

@@ -302,3 +302,23 @@ def test_a_cut_that_something_swallows_is_raised_again():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, saved)
+
+
+def test_a_preset_cut_by_its_own_limit_or_an_outer_one_says_so_in_its_row():
+    """limited_row (step and compile presets): its own cut marks the preset's row and the code
+    after it runs; an outer limit passing through marks the row too, then goes on up."""
+    saved = signal.signal(signal.SIGALRM, gpu_guard._on_alarm)
+    try:
+        sink = Sink("step", None, {})
+        with gpu_guard.limited_row(sink, {"config": "a"}, 0.1, "step a"):
+            sink.add({"config": "a", "stage": "timing"})
+            time.sleep(30)
+        with limited(0.1, "the part") as part:
+            with gpu_guard.limited_row(sink, {"config": "b"}, 30, "step b"):
+                time.sleep(30)
+        a, b = sink.rows
+        assert a["cut"].startswith("cut after 0 s (step a)") and a["cut"].endswith("while timing"), a
+        assert part.cut and b["config"] == "b" and "(the part)" in b["cut"], b
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, saved)
